@@ -1,0 +1,138 @@
+"""End to end: every stage of `dvc repro` on a tiny configuration, and the DVC contract around it."""
+import json
+import shutil
+
+import keras
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image
+
+from conftest import ROOT, TINY_PARAMS, run
+
+STAGES = ["ingest", "preprocess", "features", "train", "evaluate", "register"]
+
+
+def test_ingest_manifest(tiny_project):
+    raw = tiny_project / "data" / "raw"
+    manifest = pd.read_csv(raw / "manifest.csv", keep_default_na=False)
+    assert list(manifest.columns) == ["path", "label", "source", "generator", "split", "sha256", "license", "width", "height"]
+    tiny = TINY_PARAMS["ingest"]
+    # 12 fake seeds and 12 LFW faces plus 3 photo crops, each in 2 variants
+    assert (manifest.label == "fake").sum() == 2 * tiny["n_fake_seeds"]
+    assert (manifest.label == "real").sum() == 2 * (tiny["n_lfw_faces"] + 3)
+    assert (manifest.groupby("source").split.nunique() == 1).all(), "a source straddles splits"
+    assert set(manifest.split) == {"train", "val", "test"}
+    row = manifest.iloc[0]
+    with Image.open(raw / row.path) as im:
+        assert im.size == (row.width, row.height)
+    assert manifest.sha256.str.fullmatch(r"[0-9a-f]{64}").all()
+
+
+def test_preprocess_outputs(tiny_project):
+    processed = tiny_project / "data" / "processed"
+    manifest = pd.read_csv(processed / "manifest.csv", keep_default_na=False)
+    assert (manifest.y == (manifest.label == "fake").astype(int)).all(), "label polarity must be 1 = fake"
+    for rel in manifest.path.sample(5, random_state=0):
+        data = (processed / rel).read_bytes()
+        assert data[:2] == b"\xff\xd8"
+        with Image.open(processed / rel) as im:
+            assert im.size == (64, 64) and im.mode == "RGB"
+    audit = json.loads((tiny_project / "reports" / "shortcut_audit.json").read_text())
+    assert audit["processed"]["is_jpeg"] == 0.5 and audit["processed"]["width"] == 0.5
+    card = (tiny_project / "reports" / "data_card.md").read_text()
+    assert "## Shortcut audit" in card and "not a benchmark" in card
+
+
+def test_features_outputs(tiny_project):
+    features = tiny_project / "data" / "features"
+    train = np.load(features / "train.npz", allow_pickle=False)
+    assert train["X"].shape == (len(train["y"]), 45) and np.isfinite(train["X"]).all()
+    spectra = np.load(features / "mean_spectra.npz")
+    assert spectra["real_2d"].shape == (64, 64) and spectra["fake_1d"].shape == (46,)
+    assert (tiny_project / "reports" / "figures" / "features" / "mean_spectra.png").stat().st_size > 10_000
+
+
+def test_train_outputs(tiny_project):
+    model = keras.saving.load_model(tiny_project / "models" / "detector.keras", safe_mode=True)
+    logits = np.asarray(model(np.zeros((2, 64, 64, 3), "float32"), training=False))
+    assert logits.shape == (2, 1) and np.isfinite(logits).all()
+    history = pd.read_csv(tiny_project / "models" / "history.csv")
+    assert len(history) == TINY_PARAMS["train"]["epochs"] and {"val_auc", "loss"} <= set(history.columns)
+    meta = json.loads((tiny_project / "models" / "detector.json").read_text())
+    assert meta["class_names"] == ["real", "fake"] and meta["processing"]["native_size"] == 25
+
+
+def test_evaluate_outputs(tiny_project):
+    metrics = json.loads((tiny_project / "reports" / "metrics.json").read_text())
+    manifest = pd.read_csv(tiny_project / "data" / "processed" / "manifest.csv")
+    cnn = metrics["cnn"]
+    assert cnn["n"] == (manifest.split == "test").sum()
+    assert sum(cnn["confusion"].values()) == cnn["n"]
+    assert 0 <= cnn["roc_auc"] <= 1 and 0 <= cnn["threshold"] <= 1
+    threshold = json.loads((tiny_project / "models" / "threshold.json").read_text())
+    assert threshold["chosen_on"] == "val" and threshold["threshold"] == cnn["threshold"]
+    for name in ("roc", "precision_recall", "calibration", "confusion"):
+        assert len(pd.read_csv(tiny_project / "reports" / "plots" / f"{name}.csv")) > 0
+
+
+def test_register_outputs(tiny_project):
+    record = json.loads((tiny_project / "reports" / "registry.json").read_text())
+    assert record["model_name"] == "deepguard-detector-test" and record["champion"] is True
+    code = ("import mlflow; from mlflow import MlflowClient; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
+            "v = MlflowClient().get_model_version_by_alias('deepguard-detector-test', 'champion');"
+            "print(v.version, v.tags['threshold'])")
+    out = run(["python", "-c", code], tiny_project).stdout.split()
+    assert out[0] == record["version"] and float(out[1]) == record["threshold"]
+
+
+def test_second_repro_does_no_work(tiny_project):
+    proc = run(["dvc", "repro"], tiny_project)
+    assert "Data and pipelines are up to date." in proc.stdout
+    assert "Running stage" not in proc.stdout
+
+
+def test_metrics_show(tiny_project):
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], tiny_project).stdout)
+    data = next(iter(shown.values()))["data"]["reports/metrics.json"]["data"]
+    assert data["cnn"]["roc_auc"] == json.loads((tiny_project / "reports/metrics.json").read_text())["cnn"]["roc_auc"]
+
+
+def test_push_and_pull_restore_outputs(tiny_project):
+    model = tiny_project / "models" / "detector.keras"
+    before = model.read_bytes()
+    run(["dvc", "push"], tiny_project)
+    shutil.rmtree(tiny_project / ".dvc" / "cache")
+    model.unlink()
+    shutil.rmtree(tiny_project / "data" / "processed")
+    run(["dvc", "pull"], tiny_project)
+    assert model.read_bytes() == before
+    assert (tiny_project / "data" / "processed" / "manifest.csv").is_file()
+    assert "up to date" in run(["dvc", "status"], tiny_project).stdout
+
+
+def test_dvc_params_match_notebooks():
+    """Every `-p name ${section.key}` in dvc.yaml: name == key, the key exists in params.yaml's section for that
+    stage, the notebook's one `parameters` cell defines it, and every key of the section is passed."""
+    import ast
+    import re
+    import nbformat
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert list(dvc["stages"]) == STAGES
+    for stage, spec in dvc["stages"].items():
+        cmd = spec["cmd"]
+        notebook = re.search(r"papermill .*?(nbs/\S+\.ipynb) (reports/nbs/\S+\.ipynb)", cmd)
+        assert notebook, f"{stage}: not a papermill command"
+        pairs = re.findall(r"-p (\w+) '?\$\{(\w+)\.(\w+)\}'?", cmd)
+        assert len(pairs) == cmd.count("-p "), f"{stage}: a -p value is not a ${{section.key}} reference"
+        nb = nbformat.read(ROOT / notebook.group(1), as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{notebook.group(1)} must have exactly one parameters cell"
+        defined = {t.id for node in ast.parse(tagged[0].source).body for t in node.targets}
+        for name, section, key in pairs:
+            assert name == key and section == stage, f"{stage}: -p {name} ${{{section}.{key}}}"
+            assert key in params[stage], f"params.yaml has no {stage}.{key}"
+            assert name in defined, f"{notebook.group(1)} parameters cell lacks {name}"
+        assert {k for _, _, k in pairs} == set(params[stage]), f"{stage}: params.yaml keys not all passed"
+        assert spec["params"] == [stage]
