@@ -72,8 +72,23 @@ def test_evaluate_outputs(tiny_project):
     assert 0 <= cnn["roc_auc"] <= 1 and 0 <= cnn["threshold"] <= 1
     threshold = json.loads((tiny_project / "models" / "threshold.json").read_text())
     assert threshold["chosen_on"] == "val" and threshold["threshold"] == cnn["threshold"]
-    for name in ("roc", "precision_recall", "calibration", "confusion"):
+    for name in ("roc", "precision_recall", "calibration", "confusion", "robustness", "per_generator"):
         assert len(pd.read_csv(tiny_project / "reports" / "plots" / f"{name}.csv")) > 0
+    assert set(metrics["robustness"]) == {"clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "jpeg_q30", "downscale_x0.5",
+                                          "downscale_x0.25", "blur_sigma1", "blur_sigma2"}
+    assert set(metrics["per_generator"]) == {"camera-lfw", "camera-photo", "dcgan-digiface"}
+    for name in ("spectral_baseline", "shortcut_baseline"):
+        assert metrics[name]["n"] == cnn["n"] and 0 <= metrics[name]["roc_auc"] <= 1
+    card = (tiny_project / "reports" / "model_card.md").read_text()
+    assert f"| CNN | {cnn['roc_auc']:.3f} |" in card and "## Robustness" in card and "## Limitations" in card
+
+
+def test_evaluate_is_deterministic(tiny_project):
+    metrics = tiny_project / "reports" / "metrics.json"
+    run(["dvc", "repro", "-f", "-s", "evaluate"], tiny_project)
+    first = metrics.read_bytes()
+    run(["dvc", "repro", "-f", "-s", "evaluate"], tiny_project)
+    assert metrics.read_bytes() == first
 
 
 def test_register_outputs(tiny_project):
