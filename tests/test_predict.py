@@ -1,5 +1,6 @@
 """`classify` on the model the tiny pipeline trained: every input type, batches, odd formats, bad input."""
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,19 @@ from PIL import Image
 
 from deepguard.core import InvalidImageError
 from deepguard.predict import classify
-from test_data import BAD_FILES, ODD_BUT_VALID
+from conftest import run
+from test_data import BAD_FILES, GOOD_JPEG, ODD_BUT_VALID, png_bytes
+
+# Bad files beyond the decoder matrix: with BAD_FILES, 12 kinds of bad file, each with the reason it must give.
+GOOD_PNG = png_bytes(Image.new("RGB", (64, 64), (10, 200, 30)))
+MORE_BAD_FILES = {
+    "page.png": (b"<!doctype html><html><body>not an image</body></html>", "not_image"),
+    "archive.jpg": (b"PK\x03\x04" + b"\x00" * 60, "not_image"),
+    "truncated.png": (GOOD_PNG[: len(GOOD_PNG) - 40], "corrupt"),
+    "header_only.jpg": (GOOD_JPEG[:300], "corrupt"),
+    "small_15px.png": (png_bytes(Image.new("RGB", (15, 40))), "too_small"),
+}
+ALL_BAD_FILES = {**BAD_FILES, **MORE_BAD_FILES}
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +56,9 @@ def test_odd_formats_work(model_path, name):
     assert 0.0 <= answer.probability_fake <= 1.0
 
 
-@pytest.mark.parametrize("name", sorted(BAD_FILES))
+@pytest.mark.parametrize("name", sorted(ALL_BAD_FILES))
 def test_bad_input_raises_invalid_image_error(model_path, name):
-    content, reason = BAD_FILES[name]
+    content, reason = ALL_BAD_FILES[name]
     with pytest.raises(InvalidImageError) as err:
         classify(content, model=model_path)
     assert err.value.reason == reason
@@ -58,3 +71,100 @@ def test_bad_input_objects(model_path, bad, reason):
     with pytest.raises(InvalidImageError) as err:
         classify(bad, model=model_path)
     assert err.value.reason == reason
+
+
+def test_bad_input_from_a_folder_path(model_path, tmp_path):
+    with pytest.raises(InvalidImageError) as err:
+        classify(tmp_path, model=model_path)
+    assert err.value.reason == "not_image" and "folder" in str(err.value)
+
+
+def test_result_names_model_and_crop(model_path, tiny_project):
+    answer = classify(GOOD_PNG, model=model_path)
+    run_id = json.loads((tiny_project / "models" / "detector.json").read_text())["mlflow_run_id"]
+    assert (answer.model_name, answer.model_version) == ("detector.keras", "run-" + run_id[:8])
+    assert (answer.face_crop, answer.face_found) == (False, None)
+
+
+def test_face_crop_on_a_photo_and_no_face(model_path):
+    from skimage import data
+    photo = data.astronaut()                                   # one clear face
+    cropped = classify(photo, model=model_path, crop_face=True)
+    assert (cropped.face_crop, cropped.face_found) == (True, True)
+    flat = classify(GOOD_PNG, model=model_path, crop_face=True)  # no face: said so, whole image used
+    assert (flat.face_crop, flat.face_found) == (False, False)
+    assert flat.probability_fake == pytest.approx(classify(GOOD_PNG, model=model_path).probability_fake)
+
+
+def test_registry_fallback_matches_local_model(model_path, tiny_project, monkeypatch):
+    import deepguard.predict as predict
+    monkeypatch.setenv("DEEPGUARD_ROOT", str(tiny_project))
+    monkeypatch.delenv("DEEPGUARD_MODEL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(predict, "LOCAL_MODEL", "models/not-there.keras")
+    monkeypatch.setattr(predict, "REGISTRY_MODEL", "models:/deepguard-detector-test@champion")
+    assert predict.resolve_model() == "models:/deepguard-detector-test@champion"
+    from_registry = classify(GOOD_PNG)
+    local = classify(GOOD_PNG, model=model_path)
+    registry = json.loads((tiny_project / "reports" / "registry.json").read_text())
+    assert (from_registry.model_name, from_registry.model_version) == ("deepguard-detector-test", registry["version"])
+    assert from_registry.probability_fake == pytest.approx(local.probability_fake, abs=1e-6)
+    assert from_registry.threshold == pytest.approx(local.threshold)
+
+
+def test_missing_registry_model_is_a_clear_error(tiny_project, monkeypatch):
+    from deepguard.core import DeepGuardError
+    monkeypatch.setenv("DEEPGUARD_ROOT", str(tiny_project))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(DeepGuardError, match="Could not load models:/no-such-model@champion"):
+        classify(GOOD_PNG, model="models:/no-such-model@champion")
+
+
+# The CLI, as installed: the console script in the venv.
+def deepguard_cli(*args, cwd):
+    return run(["deepguard", *map(str, args)], cwd, check=False)
+
+
+def test_cli_table_json_and_exit_codes(model_path, tiny_project, tmp_path):
+    good = sorted((tiny_project / "data" / "processed" / "images" / "test").rglob("*.jpg"))[:3]
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for i, path in enumerate(good):
+        (folder / ("sub" if i == 2 else "") / path.name).write_bytes(path.read_bytes())
+    table = deepguard_cli("classify", folder, "--model", model_path, cwd=tiny_project)
+    assert table.returncode == 0, table.stderr
+    rows = [line for line in table.stdout.splitlines() if line.split()[0] in ("REAL", "FAKE")]
+    assert len(rows) == 2                                       # not recursive: the sub-folder is left out
+    lines = deepguard_cli("classify", folder, "-r", "--json", "--threshold", "0.0", "--model", model_path, cwd=tiny_project)
+    records = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert lines.returncode == 0 and len(records) == 3
+    assert {r["label"] for r in records} == {"FAKE"} and {r["threshold"] for r in records} == {0.0}
+    expected = {p.name: classify(p, model=model_path).probability_fake for p in good}
+    assert {Path(r["path"]).name: round(r["probability_fake"], 5) for r in records} == {k: round(v, 5) for k, v in expected.items()}
+
+
+def test_cli_reports_and_skips_every_kind_of_bad_file(model_path, tiny_project, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name, (content, _) in ALL_BAD_FILES.items():
+        (folder / name).write_bytes(content)
+    (folder / "good.png").write_bytes(GOOD_PNG)
+    files = sorted(p for p in folder.iterdir())
+    proc = deepguard_cli("classify", *files, folder / "missing.png", "--json", "--model", model_path, cwd=tiny_project)
+    assert proc.returncode == 1
+    records = {Path(r["path"]).name: r for r in map(json.loads, proc.stdout.splitlines())}
+    expected = {name: reason for name, (_, reason) in ALL_BAD_FILES.items()}
+    expected["missing.png"] = "missing"
+    assert {n: r["reason"] for n, r in records.items() if "error" in r} == expected
+    assert records["good.png"]["label"] in ("REAL", "FAKE")
+    assert f"{len(expected)} of {len(expected) + 1} file(s) could not be classified" in proc.stderr
+
+
+def test_cli_usage_errors(model_path, tiny_project, tmp_path):
+    assert deepguard_cli("classify", tmp_path, "--threshold", "1.5", "--model", model_path, cwd=tiny_project).returncode == 2
+    empty = tmp_path / "empty"; empty.mkdir()
+    assert deepguard_cli("classify", empty, "--model", model_path, cwd=tiny_project).returncode == 1
+    (tmp_path / "good.png").write_bytes(GOOD_PNG)
+    missing_model = deepguard_cli("classify", tmp_path / "good.png", "--model", tmp_path / "nope.keras", cwd=tiny_project)
+    assert missing_model.returncode == 2 and "No model at" in missing_model.stderr
+    assert deepguard_cli("frobnicate", cwd=tiny_project).returncode == 2
