@@ -12,7 +12,11 @@ export MPLBACKEND := Agg
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONHASHSEED := 0
 
-.PHONY: setup pipeline test nbtest pytest clean-check export-check metrics
+.PHONY: setup pipeline test nbtest pytest clean-check export-check metrics dashboard screenshot
+
+# The dashboard on 127.0.0.1:8866; DASHBOARD_IP=0.0.0.0 in a container. Server settings: app/voila.json.
+DASHBOARD_IP ?= 127.0.0.1
+DASHBOARD_PORT ?= 8866
 
 setup: $(STAMP)
 
@@ -51,3 +55,10 @@ pytest:
 
 metrics:
 	$(BIN)/dvc metrics show
+
+dashboard: setup
+	$(BIN)/voila app/dashboard.ipynb --Voila.config_file_paths=app --Voila.ip=$(DASHBOARD_IP) --port=$(DASHBOARD_PORT)
+
+# The README's screenshot: the browser test, run against this project's own pipeline model.
+screenshot: setup
+	DEEPGUARD_DASHBOARD_PROJECT=$(CURDIR) $(BIN)/python -m pytest -q tests/test_dashboard.py

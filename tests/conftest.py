@@ -14,7 +14,7 @@ BIN = Path(sys.executable).parent
 # A few dozen images, one epoch: enough to exercise every stage for real, small enough for CI.
 TINY_PARAMS = {
     "ingest": dict(n_fake_seeds=12, n_lfw_faces=12, n_variants=2, val_frac=0.25, test_frac=0.25),
-    "train": dict(epochs=1, batch_size=16),
+    "train": dict(epochs=1, fine_tune_epochs=1, batch_size=16, input_size=64),
     "register": dict(model_name="deepguard-detector-test", min_auc=0.0),
 }
 

