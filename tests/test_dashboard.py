@@ -17,7 +17,7 @@ import pytest
 
 from conftest import BIN, ROOT
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("DEEPGUARD_CHROMIUM", "/usr/bin/chromium")   # Debian's; another path on other systems
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 STARTUP_SECONDS = 180
@@ -87,6 +87,13 @@ def upload(page, files):
     with page.expect_file_chooser() as chooser:
         page.click("button.widget-upload")
     chooser.value.set_files([str(f) for f in files])
+
+
+def test_healthcheck_url_answers(voila):
+    "The Dockerfile's HEALTHCHECK fetches this static file."
+    import urllib.request
+    with urllib.request.urlopen(voila + "voila/static/voila.js", timeout=10) as response:
+        assert response.status == 200 and len(response.read()) > 1000
 
 
 def test_header_shows_model_and_metrics(page, project):
