@@ -24,9 +24,10 @@ def build(backbone, size):
     from keras import layers
     from deepguard.model import build_model, efficientnet_lite0
     if backbone == "xception":   # same graph as build_model's, without fetching weights
-        base = keras.applications.Xception(include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg")
+        base = keras.applications.Xception(include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg",
+                                           name="backbone")
         inputs = keras.Input((size, size, 3))
-        x = keras.Model(base.inputs, base.outputs, name="backbone")(layers.Rescaling(1 / 127.5, offset=-1.0)(inputs), training=False)
+        x = base(layers.Rescaling(1 / 127.5, offset=-1.0)(inputs), training=False)
         return keras.Model(inputs, layers.Dense(1, name="logit")(layers.Dropout(0.2)(x)))
     return build_model(size, "none" if backbone == "efficientnet_lite0" else backbone)
 
