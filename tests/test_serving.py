@@ -2,24 +2,15 @@
 import base64
 import json
 import os
-import socket
-import subprocess
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from conftest import BIN
+from conftest import BIN, background_server, free_port
 from deepguard.predict import classify
 
 STARTUP_SECONDS = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:
@@ -37,35 +28,17 @@ def server(tiny_project):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}", "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("DEEPGUARD_ROOT", None)
-    log = open(tiny_project / "serve.log", "w")
-    proc = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/deepguard-detector-test@champion",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            cwd=tiny_project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_SECONDS
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow models serve exited ({proc.returncode}):\n{(tiny_project / 'serve.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(base + "/ping", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not up after {STARTUP_SECONDS}s:\n{(tiny_project / 'serve.log').read_text()[-3000:]}")
-                time.sleep(1)
-        yield base
-    finally:
-        os.killpg(proc.pid, 15)
+    def pinging():
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-        log.close()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+            with urllib.request.urlopen(base + "/ping", timeout=2):
+                return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+    cmd = ["mlflow", "models", "serve", "-m", "models:/deepguard-detector-test@champion", "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port)]
+    with background_server(cmd, tiny_project, env, tiny_project / "serve.log", pinging, STARTUP_SECONDS):
+        yield base
 
 
 def test_invocations_match_classify(server, tiny_project):
