@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 def build(backbone, size):
     import keras
     from keras import layers
-    from deepguard.model import build_model, efficientnet_lite0
+    from deepguard.model import build_model
     if backbone == "xception":   # same graph as build_model's, without fetching weights
         base = keras.applications.Xception(include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg",
                                            name="backbone")

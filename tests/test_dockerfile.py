@@ -9,8 +9,6 @@ import re
 import shlex
 import subprocess
 
-import pytest
-
 from conftest import BIN, ROOT
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

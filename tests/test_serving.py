@@ -41,6 +41,10 @@ def server(tiny_project):
         yield base
 
 
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 def test_invocations_match_classify(server, tiny_project):
     files = sorted((tiny_project / "data" / "processed" / "images" / "test").rglob("*.jpg"))[:4]
     status, body = post(server + "/invocations",
