@@ -15,8 +15,8 @@ from .core import check_param, get_logger, resolve, write_json
 
 # %% auto #0
 __all__ = ['THRESHOLD_RULES', 'PERTURBATIONS', 'choose_threshold', 'expected_calibration_error', 'tpr_at_fpr', 'binary_metrics',
-           'curve_tables', 'robustness_sweep', 'robustness_by_group', 'per_generator_table', 'predict_proba',
-           'plot_robustness', 'model_card']
+           'curve_tables', 'perturbed_scores', 'robustness_sweep', 'robustness_by_group', 'per_generator_table',
+           'predict_proba', 'plot_robustness', 'model_card']
 
 # %% ../nbs/06_evaluate.ipynb #9d948c27
 THRESHOLD_RULES = ("balanced_accuracy", "target_fpr")
@@ -104,26 +104,32 @@ PERTURBATIONS = {"clean": lambda image: image,
                  "downscale_x0.5": _downscale(0.5), "downscale_x0.25": _downscale(0.25),
                  "blur_sigma1": _blur(1), "blur_sigma2": _blur(2)}
 
-def robustness_sweep(images: list, y, scorers: dict, thresholds: dict) -> pd.DataFrame:
-    "ROC-AUC and accuracy at each scorer's threshold, for every perturbation of the images."
-    y = np.asarray(y).astype(int)
-    rows = []
+def perturbed_scores(images: list, scorers: dict) -> dict:
+    "{condition: {scorer name: fake probabilities}}: every perturbation of the images, each perturbed and scored once."
+    scores = {}
     for condition, perturb in PERTURBATIONS.items():
         perturbed = [perturb(image) for image in images]
+        scores[condition] = {name: np.asarray(score(perturbed)) for name, score in scorers.items()}
+    return scores
+
+def robustness_sweep(scores: dict, y, thresholds: dict) -> pd.DataFrame:
+    "ROC-AUC and accuracy at each scorer's threshold, for every perturbation (`scores` from `perturbed_scores`)."
+    y = np.asarray(y).astype(int)
+    rows = []
+    for condition, by_scorer in scores.items():
         row = {"condition": condition}
-        for name, score in scorers.items():
-            p = score(perturbed)
+        for name, p in by_scorer.items():
             row[f"{name}_roc_auc"] = skm.roc_auc_score(y, p)
             row[f"{name}_accuracy"] = float(((p >= thresholds[name]).astype(int) == y).mean())
         rows.append(row)
     return pd.DataFrame(rows)
 
-def robustness_by_group(images: list, rows: pd.DataFrame, score, threshold: float, group: str = "generator") -> pd.DataFrame:
-    "Accuracy at `threshold` for every perturbation and every `group` of `rows`: which class a perturbation breaks."
+def robustness_by_group(scores: dict, scorer: str, rows: pd.DataFrame, threshold: float, group: str = "generator") -> pd.DataFrame:
+    "Accuracy of `scorer` at `threshold` for every perturbation and every `group` of `rows`: which class a perturbation breaks."
     y, groups = rows.y.to_numpy().astype(int), rows[group].to_numpy()
     out = []
-    for condition, perturb in PERTURBATIONS.items():
-        correct = (np.asarray(score([perturb(image) for image in images])) >= threshold).astype(int) == y
+    for condition, by_scorer in scores.items():
+        correct = (by_scorer[scorer] >= threshold).astype(int) == y
         for g in sorted(set(groups)):
             chosen = groups == g
             out.append({"condition": condition, group: g, "n": int(chosen.sum()), "accuracy": float(correct[chosen].mean())})
