@@ -5,8 +5,10 @@ that project: `make screenshot` uses the repository's own), uploads a real and a
 widget, checks the labels against `classify`, checks the spectrum appears, uploads a corrupt file and checks the
 message, and saves a screenshot to <project>/reports/figures/dashboard.png.
 """
+import json
 import os
 import socket
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -67,13 +69,11 @@ def upload(page, files):
 
 def test_healthcheck_url_answers(voila):
     "The Dockerfile's HEALTHCHECK fetches this static file."
-    import urllib.request
     with urllib.request.urlopen(voila + "voila/static/voila.js", timeout=10) as response:
         assert response.status == 200 and len(response.read()) > 1000
 
 
 def test_header_shows_model_and_metrics(page, project):
-    import json
     header = page.inner_text(".dg-header")
     metrics = json.loads((project / "reports" / "metrics.json").read_text())["cnn"]
     assert "detector.keras" in header and f"test auc {metrics['roc_auc']:.3f}" in header

@@ -5,6 +5,7 @@ the versions it installs must be the ones in constraints.txt; its CMD must be th
 (test_dashboard.py), so the container starts what the suite exercises.
 """
 import fnmatch
+import json
 import re
 import shlex
 import subprocess
@@ -79,7 +80,7 @@ def test_installed_versions_are_the_pinned_ones():
 
 def test_cmd_is_the_command_the_browser_test_runs():
     cmd = dict(instructions(DOCKERFILE))["CMD"]
-    argv = __import__("json").loads(cmd)
+    argv = json.loads(cmd)
     assert argv[:3] == ["voila", "app/dashboard.ipynb", "--Voila.config_file_paths=app"]
     browser_test = (ROOT / "tests" / "test_dashboard.py").read_text()
     assert '"app/dashboard.ipynb", "--Voila.config_file_paths=app"' in browser_test
