@@ -46,8 +46,7 @@ def untrained_detector(backbone, input_size, folder):
     path = Path(folder) / "detector.keras"
     build_model(input_size, backbone=backbone).save(path)
     write_json(path.with_suffix(".json"), dict(input_size=input_size, backbone=backbone, mlflow_run_id="benchmark",
-                                               processing=dict(image_size=input_size, native_size=0, grayscale=False,
-                                                               jpeg_quality=90, normalize_intensity=False)))
+                                               processing=dict(image_size=input_size)))
     return path
 
 
@@ -63,7 +62,7 @@ def main():
 
     import tensorflow as tf
     from deepguard.predict import classify, load_detector
-    from deepguard.preprocess import prepare_batch
+    from deepguard.faces import prepare_faces
     tmp = tempfile.TemporaryDirectory()
     model_path = untrained_detector(args.backbone, args.input_size, tmp.name) if args.backbone else Path(args.model)
     detector = load_detector(str(model_path))
@@ -71,16 +70,16 @@ def main():
     rng = np.random.default_rng(0)
     photo = Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
     buf = io.BytesIO(); photo.save(buf, "JPEG", quality=90); jpeg = buf.getvalue()
-    x1 = prepare_batch([photo], detector.metadata["processing"], size)
+    x1 = prepare_faces([photo], detector.metadata["processing"])[0]
 
     bare = timed(lambda: detector.model(x1, training=False), args.n)
     graph = timed(lambda: detector.predict_fn(x1), args.n)
     predict = timed(lambda: detector.model.predict(x1, verbose=0), max(20, args.n // 5))
     full = timed(lambda: classify(jpeg, model=model_path), args.n)
-    # batch throughput: classify on a list of decoded images (processing + model), its two parts alone
+    # batch throughput: classify on a list of decoded images (face chain incl. MTCNN + model), its two parts alone
     images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(args.batch)]
-    xb = prepare_batch(images, detector.metadata["processing"], size)
-    t_prep = min(timed(lambda: prepare_batch(images, detector.metadata["processing"], size), 5, warmup=1))
+    xb = prepare_faces(images, detector.metadata["processing"])[0]
+    t_prep = min(timed(lambda: prepare_faces(images, detector.metadata["processing"]), 5, warmup=1))
     t_cls = min(timed(lambda: classify(images, model=model_path), 5, warmup=1))
     t_model = min(timed(lambda: detector.predict_fn(xb), 5, warmup=1))
 

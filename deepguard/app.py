@@ -23,7 +23,7 @@ from .features import azimuthal_average, log_spectrum
 from .predict import Classification
 
 # %% auto #0
-__all__ = ['MAX_UPLOAD_BYTES', 'Analysis', 'gradcam', 'make_analyser', 'png', 'colormap', 'overlay', 'profile_plot',
+__all__ = ['MAX_UPLOAD_BYTES', 'Analysis', 'gradcam', 'boxed', 'make_analyser', 'png', 'colormap', 'overlay', 'profile_plot',
            'DetectorApp', 'pick_examples']
 
 # %% ../nbs/09_app.ipynb #58fb0f9b
@@ -31,11 +31,11 @@ __all__ = ['MAX_UPLOAD_BYTES', 'Analysis', 'gradcam', 'make_analyser', 'png', 'c
 class Analysis:
     name: str
     result: Classification
-    shown: Image.Image            # what the model saw, after the processing chain
+    shown: Image.Image            # what the model saw: the face chain's crop, decoded
     spectrum: np.ndarray          # centred log-magnitude spectrum of `shown`
     profile: np.ndarray           # its azimuthal average
     heatmap: np.ndarray | None    # Grad-CAM in [0, 1], the size of `shown`
-    face: Image.Image | None      # the MTCNN crop, when one was asked for and found
+    source: Image.Image | None    # the uploaded image (thumbnail) with the crop square drawn on it
 
 # %% ../nbs/09_app.ipynb #883d48d2
 def _last_conv(layers):
@@ -65,23 +65,27 @@ def gradcam(model, x: np.ndarray) -> np.ndarray:
     return tf.image.resize(cam[..., None], x.shape[1:3]).numpy()[..., 0]
 
 # %% ../nbs/09_app.ipynb #f0ca939e
+def boxed(image: Image.Image, box: tuple, width: int = 160) -> Image.Image:
+    "A thumbnail of `image`, `width` px wide, with the face chain's crop square (left, top, side) drawn in red."
+    from PIL import ImageDraw
+    scale = width / image.width
+    thumb = image.resize((width, max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    left, top, side = (v * scale for v in box)
+    ImageDraw.Draw(thumb).rectangle([left, top, left + side - 1, top + side - 1], outline=(220, 0, 0), width=2)
+    return thumb
+
 def make_analyser(detector, class_means: dict | None = None) -> Callable[..., Analysis]:
-    "analyse(data, name, crop_face=False) -> Analysis, for a `deepguard.predict.LoadedDetector`."
-    from deepguard.predict import classify_images, crop_face as find_face
-    from deepguard.preprocess import prepare_batch, process_image
-    processing, size = detector.metadata["processing"], detector.metadata["input_size"]
-    def analyse(data, name: str = "image", crop_face: bool = False) -> Analysis:
+    "analyse(data, name) -> Analysis, for a `deepguard.predict.LoadedDetector`: one face chain, one model call."
+    from deepguard.predict import answer
+    def analyse(data, name: str = "image") -> Analysis:
         image = load_image(data)
-        face = find_face(image) if crop_face else None
-        used = face if face is not None else image
-        result = classify_images([used], detector)[0]
-        result = dataclasses.replace(result, face_crop=face is not None, face_found=(face is not None) if crop_face else None)
-        shown = process_image(used, processing["image_size"], processing["native_size"], processing["grayscale"],
-                              processing.get("normalize_intensity", False))
+        probs, crops = detector.score([image])
+        crop = crops[0]
+        result = answer(probs[0], crop, detector, detector.threshold)
+        shown = crop.image()
         spectrum = log_spectrum(np.asarray(shown.convert("L"), np.float32))
-        heat = gradcam(detector.model, prepare_batch([used], processing, size))[0]
-        heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(shown.size, Image.Resampling.BILINEAR)) / 255.0
-        return Analysis(name, result, shown, spectrum, azimuthal_average(spectrum), heat, face)
+        heat = gradcam(detector.model, crop.array()[None])[0]
+        return Analysis(name, result, shown, spectrum, azimuthal_average(spectrum), heat, boxed(image, crop.box))
     return analyse
 
 # %% ../nbs/09_app.ipynb #5f287462
@@ -136,7 +140,6 @@ class DetectorApp:
         self.threshold = widgets.FloatSlider(value=round(threshold, 3), min=0.0, max=1.0, step=0.005, readout_format=".3f",
                                              description="threshold", continuous_update=False)
         self.threshold.observe(lambda change: self.render(), names="value")
-        self.crop = widgets.Checkbox(value=False, description="crop the face (MTCNN)", indent=False)
         self.examples = examples or {}
         buttons = []
         for name in self.examples:
@@ -149,7 +152,7 @@ class DetectorApp:
         self.out = widgets.Output()
         self.out.add_class("dg-output")
         controls = widgets.HBox([self.upload, *buttons, self.clear])
-        self.root = widgets.VBox([self.header, controls, widgets.HBox([self.threshold, self.crop]), self.out])
+        self.root = widgets.VBox([self.header, controls, self.threshold, self.out])
 
     @classmethod
     def from_project(cls, model=None, root=None) -> "DetectorApp":
@@ -195,7 +198,7 @@ class DetectorApp:
             if size > self.max_upload_bytes:
                 raise InvalidImageError(f"{name}: {size / 2**20:.1f} MB is over the {self.max_upload_bytes / 2**20:.0f} MB "
                                         "upload limit.", reason="too_large")
-            self.analyses.append(self.analyse(bytes(content), name, crop_face=self.crop.value))
+            self.analyses.append(self.analyse(bytes(content), name))
         except InvalidImageError as err:
             message = str(err).removeprefix("bytes: ")
             self.errors.append(message if message.startswith(name) else f"{name}: {message}")
@@ -215,7 +218,7 @@ class DetectorApp:
     def row(self, a: Analysis) -> widgets.Widget:
         label, confidence = self.label(a)
         colour = "#b00020" if label == "FAKE" else "#1b5e20"
-        face = {None: "", True: "<br>face crop used", False: "<br><i>no face found: whole image used</i>"}[a.result.face_found]
+        face = "<br>face found" if a.result.face_found else "<br><i>no face found: the centred square was classified</i>"
         text = widgets.HTML(
             f"<div style='font-size:15px'><b>{html.escape(a.name)}</b><br>"
             f"<span class='dg-label' style='color:{colour};font-size:22px;font-weight:bold'>{label}</span><br>"
@@ -226,15 +229,16 @@ class DetectorApp:
             im = widgets.Image(value=data, format="png", width=width)
             im.add_class(cls)
             return widgets.VBox([widgets.HTML(f"<small>{caption}</small>"), im])
-        shown = a.shown.resize((160, 160), Image.Resampling.NEAREST)
-        cells = [text, picture(png(shown), "dg-input", "what the model sees"),
+        shown = a.shown.resize((160, 160), Image.Resampling.LANCZOS)
+        cells = [text]
+        if a.source is not None:
+            cells.append(picture(png(a.source), "dg-source", "your image, crop square in red"))
+        cells += [picture(png(shown), "dg-input", f"what the model sees ({a.shown.width} px face crop)"),
                  picture(png(colormap(a.spectrum)), "dg-spectrum", "log-magnitude FFT spectrum"),
                  picture(profile_plot(a.profile, self.class_means, "azimuthal spectrum"), "dg-profile", "", 240)]
         if a.heatmap is not None:
             cells.append(picture(png(overlay(shown, np.asarray(Image.fromarray((a.heatmap * 255).astype(np.uint8)).resize((160, 160))) / 255)),
                                  "dg-gradcam", "Grad-CAM (fake logit)"))
-        if a.face is not None:
-            cells.append(picture(png(a.face.resize((160, 160))), "dg-face", "face crop"))
         box = widgets.HBox(cells, layout=widgets.Layout(border="1px solid #ddd", padding="6px", margin="4px 0"))
         return box
 

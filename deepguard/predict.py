@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .core import DeepGuardError, ImageSource, InvalidImageError, MIN_SIDE, load_image, project_root, resolve
-from .preprocess import prepare_batch
+from .core import DeepGuardError, ImageSource, InvalidImageError, load_image, project_root, resolve
+from .faces import FaceCrop, prepare_faces
 
 # %% auto #0
-__all__ = ['REGISTRY_MODEL', 'LOCAL_MODEL', 'BATCH', 'Classification', 'LoadedDetector', 'load_detector', 'resolve_model',
-           'crop_face', 'classify_images', 'classify']
+__all__ = ['REGISTRY_MODEL', 'LOCAL_MODEL', 'BATCH', 'IDENTITY_CALIBRATION', 'Classification', 'LoadedDetector',
+           'detector_from_files', 'load_detector', 'resolve_model', 'classify_images', 'answer', 'classify']
 
 # %% ../nbs/08_predict.ipynb #42052cdc
 @dataclass(frozen=True)
@@ -31,8 +31,8 @@ class Classification:
     threshold: float
     model_name: str
     model_version: str
-    face_crop: bool = False          # the model saw an MTCNN face crop, not the whole image
-    face_found: bool | None = None   # None: no crop asked for; False: asked, no face, whole image used
+    face_found: bool = True          # False: no face found, the centred square was classified
+    face_box: tuple = ()             # (left, top, side) of the crop the model saw, in the input image
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,42 +41,64 @@ class Classification:
 REGISTRY_MODEL = "models:/deepguard-detector@champion"
 LOCAL_MODEL = "models/detector.keras"
 
+BATCH = 64   # images per model call for long lists
+
 @dataclass(frozen=True)
 class LoadedDetector:
+    "The one inference path: face chain (the model's recorded `processing`) → compiled model → P(fake)."
     model: object            # the Keras model
-    metadata: dict           # input_size, processing, backbone, ...
+    metadata: dict           # input_size, processing (face chain), backbone, ...
     threshold: float
     name: str
     version: str
-    predict_fn: object       # tf.function: float32 (N, S, S, 3) raw RGB -> (N, 1) P(fake)
+    predict_fn: object       # tf.function: float32 (N, S, S, 3) raw RGB -> (N, 1) calibrated P(fake)
+    calibration: dict = None # slope and centre of the logit -> P(fake) map (evaluate stage), None = identity
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        "P(fake) for a batch that already went through the face chain."
         if not len(batch):
             return np.zeros(0, np.float64)
         return self.predict_fn(batch).numpy().ravel().astype(np.float64)
 
-def _compile(model, input_size: int):
-    "One graph for every batch size: sigmoid(model(x, training=False))."
+    def score(self, images: list[Image.Image], batch: int = BATCH) -> tuple[np.ndarray, list[FaceCrop]]:
+        "(P(fake), face crops) for decoded upright RGB images, `batch` images per model call."
+        probs, crops = [np.zeros(0)], []
+        for start in range(0, len(images), batch):
+            x, chunk = prepare_faces(images[start:start + batch], self.metadata["processing"])
+            probs.append(self.probabilities(x)); crops += chunk
+        return np.concatenate(probs), crops
+
+IDENTITY_CALIBRATION = dict(slope=1.0, centre_logit=0.0)
+
+def _compile(model, input_size: int, calibration: dict = IDENTITY_CALIBRATION):
+    "One graph for every batch size: the calibrated P(fake) = sigmoid(slope * (model logit - centre))."
     import tensorflow as tf
+    slope, centre = float(calibration["slope"]), float(calibration["centre_logit"])
     @tf.function(input_signature=[tf.TensorSpec([None, input_size, input_size, 3], tf.float32)])
     def predict_fn(x):
-        return tf.sigmoid(model(x, training=False))
+        return tf.sigmoid(slope * (model(x, training=False) - centre))
     return predict_fn
 
-def _load_local(path: Path) -> LoadedDetector:
+def detector_from_files(model_path, metadata_path, threshold_path, name: str, version: str | None = None) -> LoadedDetector:
+    "A detector from its three files (the pipeline's and the registered pyfunc's are the same three)."
     import keras
+    metadata = json.loads(Path(metadata_path).read_text())
+    threshold_path = Path(threshold_path)
+    decision = json.loads(threshold_path.read_text()) if threshold_path.is_file() else {"threshold": 0.5}
+    calibration = decision.get("calibration", IDENTITY_CALIBRATION)
+    model = keras.saving.load_model(model_path, safe_mode=True)
+    version = version or "run-" + metadata.get("mlflow_run_id", "unknown")[:8]
+    return LoadedDetector(model, metadata, float(decision["threshold"]), name, version,
+                          _compile(model, metadata["input_size"], calibration), calibration)
+
+def _load_local(path: Path) -> LoadedDetector:
     if not path.is_file():
         raise DeepGuardError(f"No model at {path}. Run `make pipeline` to train one, or pass model=/path/to/detector.keras "
                              "(or a models:/ URI), or set DEEPGUARD_MODEL.")
     metadata_file = path.with_suffix(".json")
     if not metadata_file.is_file():
         raise DeepGuardError(f"{metadata_file} is missing: a detector needs its metadata (input size, processing) beside it.")
-    metadata = json.loads(metadata_file.read_text())
-    threshold_file = path.parent / "threshold.json"
-    threshold = json.loads(threshold_file.read_text())["threshold"] if threshold_file.is_file() else 0.5
-    model = keras.saving.load_model(path, safe_mode=True)
-    version = "run-" + metadata.get("mlflow_run_id", "unknown")[:8]
-    return LoadedDetector(model, metadata, float(threshold), path.name, version, _compile(model, metadata["input_size"]))
+    return detector_from_files(path, metadata_file, path.parent / "threshold.json", path.name)
 
 def _load_registry(uri: str) -> LoadedDetector:
     import mlflow
@@ -100,8 +122,7 @@ def _load_registry(uri: str) -> LoadedDetector:
     except Exception as err:
         raise DeepGuardError(f"Could not load {uri} from the MLflow registry at {tracking}: {err}. "
                              "Run `make pipeline` (its register stage fills the registry) or pass model=...") from err
-    return LoadedDetector(wrapper.model, wrapper.metadata, float(wrapper.threshold), name, str(version),
-                          _compile(wrapper.model, wrapper.metadata["input_size"]))
+    return replace(wrapper.detector, name=name, version=str(version))
 
 @lru_cache(maxsize=4)
 def load_detector(location: str) -> LoadedDetector:
@@ -121,47 +142,28 @@ def resolve_model(model: str | Path | None = None) -> str:
         return REGISTRY_MODEL
     return str(local) if local.is_file() else REGISTRY_MODEL
 
-# %% ../nbs/08_predict.ipynb #df008762
-@lru_cache(maxsize=1)
-def _face_detector():
-    from mtcnn import MTCNN
-    return MTCNN(device="CPU:0")
-
-def crop_face(image: Image.Image, margin: float = 0.2) -> Image.Image | None:
-    "The largest face in `image`, square with a margin, or None when MTCNN finds none (or only a tiny one)."
-    from deepguard.ingest import crop_largest_face
-    face = crop_largest_face(np.asarray(image.convert("RGB")), _face_detector(), margin)
-    if face is None or min(face.shape[:2]) < MIN_SIDE:
-        return None
-    return Image.fromarray(face)
-
 # %% ../nbs/08_predict.ipynb #9bfae648
-BATCH = 64   # images per model call for long lists
-
-def classify_images(images: list[Image.Image], detector: LoadedDetector, threshold: float | None = None,
-                    crop_faces: bool = False) -> list[Classification]:
-    "Classify already-decoded RGB images with a loaded detector."
+def classify_images(images: list[Image.Image], detector: LoadedDetector,
+                    threshold: float | None = None) -> list[Classification]:
+    "Classify already-decoded upright RGB images with a loaded detector."
     cut = detector.threshold if threshold is None else float(threshold)
     if not 0.0 <= cut <= 1.0:
         raise ValueError(f"threshold must be within [0, 1], got {cut}")
-    found = [None] * len(images)
-    if crop_faces:
-        crops = [crop_face(im) for im in images]
-        found = [c is not None for c in crops]
-        images = [c if c is not None else im for c, im in zip(crops, images)]
-    probs = np.concatenate([np.zeros(0)] + [
-        detector.probabilities(prepare_batch(images[i:i + BATCH], detector.metadata["processing"], detector.metadata["input_size"]))
-        for i in range(0, len(images), BATCH)])
-    return [Classification(label="FAKE" if p >= cut else "REAL", probability_fake=float(p),
-                           confidence=float(p if p >= cut else 1 - p), threshold=cut,
-                           model_name=detector.name, model_version=detector.version,
-                           face_crop=bool(f), face_found=f) for p, f in zip(probs, found)]
+    probs, crops = detector.score(images)
+    return [answer(p, c, detector, cut) for p, c in zip(probs, crops)]
 
-def classify(images: ImageSource | list, model: str | Path | None = None, threshold: float | None = None,
-             crop_face: bool = False):
+def answer(probability_fake: float, crop: FaceCrop, detector: LoadedDetector, threshold: float) -> Classification:
+    "The `Classification` for one scored crop at `threshold`."
+    p = float(probability_fake)
+    return Classification(label="FAKE" if p >= threshold else "REAL", probability_fake=p,
+                          confidence=float(p if p >= threshold else 1 - p), threshold=threshold,
+                          model_name=detector.name, model_version=detector.version,
+                          face_found=crop.face_found, face_box=crop.box)
+
+def classify(images: ImageSource | list, model: str | Path | None = None, threshold: float | None = None):
     "Classify one image (path, bytes, binary file, PIL image or HxWx3 uint8 array) or a list of them."
     batch_input = isinstance(images, (list, tuple))
     items = list(images) if batch_input else [images]
     detector = load_detector(resolve_model(model))
-    results = classify_images([load_image(item) for item in items], detector, threshold, crop_face)
+    results = classify_images([load_image(item) for item in items], detector, threshold)
     return results if batch_input else results[0]

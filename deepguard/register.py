@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 
 from .core import get_logger, load_image, project_root, resolve, write_json
-from .preprocess import prepare_batch
+from .evaluate import pairwise_auc
 
 # %% auto #0
-__all__ = ['encode_image_b64', 'decode_row', 'DetectorPyfunc', 'gate', 'register_model']
+__all__ = ['encode_image_b64', 'decode_row', 'DetectorPyfunc', 'paired_auc_difference', 'gate', 'compare_with_champion',
+           'register_model']
 
 # %% ../nbs/07_register.ipynb #67ba4fba
 def encode_image_b64(data: bytes) -> str:
@@ -39,31 +40,74 @@ def decode_row(index: int, text) -> "Image.Image":
         raise MlflowException.invalid_parameter_value(f"row {index}: {err} (reason: {err.reason})")
 
 class DetectorPyfunc(mlflow.pyfunc.PythonModel):
-    "MLflow pyfunc wrapper: base64 image column in, fake probability and label out."
+    "MLflow pyfunc wrapper around the one `LoadedDetector`: base64 image column in, fake probability and label out."
     def load_context(self, context):
-        import keras
-        self.model = keras.saving.load_model(context.artifacts["model"], safe_mode=True)
-        self.metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
-        self.threshold = json.loads(Path(context.artifacts["threshold"]).read_text())["threshold"]
+        from deepguard.predict import detector_from_files   # at load time: predict is the higher notebook
+        self.detector = detector_from_files(context.artifacts["model"], context.artifacts["metadata"],
+                                            context.artifacts["threshold"], "pyfunc", "unknown")
 
     def predict(self, context, model_input, params=None):
-        import tensorflow as tf
         column = model_input["image"] if isinstance(model_input, pd.DataFrame) else pd.Series(model_input)
         images = [decode_row(i, text) for i, text in enumerate(column)]
-        batch = prepare_batch(images, self.metadata["processing"], self.metadata["input_size"])
-        probs = tf.sigmoid(self.model(batch, training=False)).numpy().ravel().astype(np.float64)
+        probs, crops = self.detector.score(images)
         return pd.DataFrame({"probability_fake": probs,
-                             "label": np.where(probs >= self.threshold, "FAKE", "REAL")})
+                             "label": np.where(probs >= self.detector.threshold, "FAKE", "REAL"),
+                             "face_found": [c.face_found for c in crops]})
 
 # %% ../nbs/07_register.ipynb #a7e92b44
-def gate(metrics: dict, min_auc: float) -> tuple[bool, str]:
-    "(passes, reason) for promoting a model with these evaluate-stage metrics."
-    auc = metrics["cnn"]["roc_auc"]
-    if auc >= min_auc:
-        return True, f"test ROC-AUC {auc:.4f} >= register.min_auc {min_auc}"
-    return False, f"test ROC-AUC {auc:.4f} < register.min_auc {min_auc}: registered without the champion alias"
+def _auc(y, p):
+    return pairwise_auc(p[y == 1], p[y == 0])
 
-def register_model(model_path, threshold_path, metrics: dict, model_name: str, min_auc: float) -> dict:
+def paired_auc_difference(y, p_challenger, p_champion, n_boot: int = 1000, seed: int = 0) -> dict:
+    "AUC(challenger) - AUC(champion) on the same images, with a paired bootstrap 95% interval."
+    y = np.asarray(y).astype(int)
+    new, old = np.asarray(p_challenger, np.float64), np.asarray(p_champion, np.float64)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    diffs = []
+    for _ in range(n_boot):
+        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
+        diffs.append(_auc(y[idx], new[idx]) - _auc(y[idx], old[idx]))
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return dict(difference=float(_auc(y, new) - _auc(y, old)), lo=float(lo), hi=float(hi), n=int(len(y)),
+                challenger_auc=float(_auc(y, new)), champion_auc=float(_auc(y, old)))
+
+def gate(metrics: dict, min_auc: float, comparison: dict | None = None) -> tuple[bool, str]:
+    "(passes, reason): the min-AUC gate, then (when there is a comparable champion) not worse than it."
+    auc = metrics["cnn"]["roc_auc"]
+    if auc < min_auc:
+        return False, f"test ROC-AUC {auc:.4f} < register.min_auc {min_auc}: registered without the champion alias"
+    floor = f"test ROC-AUC {auc:.4f} >= register.min_auc {min_auc}"
+    if comparison is None or "difference" not in comparison:
+        why = comparison.get("note", "no champion yet") if comparison else "no champion yet"
+        return True, f"{floor}; {why}"
+    c = comparison
+    versus = (f"AUC difference vs champion v{c['champion_version']} on the same {c['n']} held-out images "
+              f"{c['difference']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]")
+    if c["hi"] < 0:
+        return False, f"{floor}, but worse than the champion: {versus}; champion alias unchanged"
+    return True, f"{floor}; not worse than the champion: {versus}"
+
+# %% ../nbs/07_register.ipynb #9d30af12
+def compare_with_champion(model_name: str, challenger, images: np.ndarray, y) -> dict | None:
+    "None without a champion; else the paired AUC comparison, or {'note': why not} when it cannot score these crops."
+    import mlflow
+    from mlflow import MlflowClient
+    try:
+        version = MlflowClient().get_model_version_by_alias(model_name, "champion").version
+    except mlflow.exceptions.MlflowException:
+        return None
+    try:
+        champion = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}").unwrap_python_model().detector
+    except Exception as err:       # an old pyfunc (before the face chain) or a broken artefact: say so
+        return {"note": f"champion v{version} could not be loaded for comparison ({type(err).__name__}: {err})"[:300]}
+    if champion.metadata.get("processing") != challenger.metadata.get("processing"):
+        return {"note": f"champion v{version} not comparable: another face chain or input size"}
+    result = paired_auc_difference(y, challenger.probabilities(images), champion.probabilities(images))
+    return {**result, "champion_version": str(version)}
+
+def register_model(model_path, threshold_path, metrics: dict, model_name: str, min_auc: float,
+                   comparison: dict | None = None) -> dict:
     "Log the pyfunc, register a new version, tag it, and move `champion` if the gate passes."
     import mlflow
     from mlflow import MlflowClient
@@ -72,9 +116,9 @@ def register_model(model_path, threshold_path, metrics: dict, model_name: str, m
     metadata_path = model_path.with_suffix(".json")
     metadata = json.loads(metadata_path.read_text())
     example = pd.DataFrame({"image": [encode_image_b64(_example_png())]})
-    signature = infer_signature(example, pd.DataFrame({"probability_fake": [0.5], "label": ["REAL"]}))
+    signature = infer_signature(example, pd.DataFrame({"probability_fake": [0.5], "label": ["REAL"], "face_found": [True]}))
     threshold = json.loads(Path(threshold_path).read_text())["threshold"]
-    passes, reason = gate(metrics, min_auc)
+    passes, reason = gate(metrics, min_auc, comparison)
     with mlflow.start_run(run_name="register") as run:
         info = mlflow.pyfunc.log_model(
             name="detector", python_model=DetectorPyfunc(), signature=signature,
@@ -93,7 +137,8 @@ def register_model(model_path, threshold_path, metrics: dict, model_name: str, m
     if passes:
         client.set_registered_model_alias(model_name, "champion", version)
     return dict(model_name=model_name, version=version, champion=passes, reason=reason,
-                model_uri=f"models:/{model_name}/{version}", run_id=run.info.run_id, threshold=threshold)
+                model_uri=f"models:/{model_name}/{version}", run_id=run.info.run_id, threshold=threshold,
+                comparison=comparison)
 
 def _example_png() -> bytes:
     from PIL import Image

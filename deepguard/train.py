@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from .core import check_param, file_sha256, get_logger, resolve, write_json
+from .core import ParamsError, check_param, file_sha256, get_logger, resolve, write_json
 
 # %% auto #0
 __all__ = ['gaussian_blur', 'augment', 'make_dataset', 'class_weights', 'MlflowEpochLogger', 'compile_model', 'fit',
@@ -32,40 +32,43 @@ def gaussian_blur(image: tf.Tensor, sigma, radius: int = 9) -> tf.Tensor:
     out = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], "VALID")
     return tf.nn.depthwise_conv2d(out, cols, [1, 1, 1, 1], "VALID")[0]
 
-def augment(image: tf.Tensor, seed: tf.Tensor, p: float, input_size: int) -> tf.Tensor:
-    "Flip, random resized crop, then blur and JPEG each with probability p. image: HxWx3 float 0-255."
+def augment(image: tf.Tensor, seed: tf.Tensor, p: float, input_size: int, grayscale_p: float = 0.0) -> tf.Tensor:
+    "Flip, random resized crop, blur and JPEG each with probability p, grayscale with grayscale_p. HxWx3 float 0-255."
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
     image = tf.image.stateless_random_flip_left_right(image, seeds[0])
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image), tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seeds[1], min_object_covered=0.0,
-        aspect_ratio_range=(0.75, 1.33), area_range=(0.6, 1.0), use_image_if_no_bounding_boxes=True)
+        aspect_ratio_range=(0.75, 1.33), area_range=(0.4, 1.0), use_image_if_no_bounding_boxes=True)
     image = tf.image.resize(tf.slice(image, begin, size), (input_size, input_size), method="bilinear")
-    u = tf.random.stateless_uniform([3], seeds[2])
+    u = tf.random.stateless_uniform([4], seeds[2])
     image = tf.cond(u[0] < p, lambda: gaussian_blur(image, 3.0 * u[1]), lambda: image)
     def jpeg():
         pixels = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
         return tf.cast(tf.image.stateless_random_jpeg_quality(pixels, 30, 100, seeds[3]), tf.float32)
     image = tf.cond(u[2] < p, jpeg, lambda: image)
+    image = tf.cond(u[3] < grayscale_p, lambda: tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), lambda: image)
     return tf.ensure_shape(image, (input_size, input_size, 3))
 
 def make_dataset(manifest: pd.DataFrame, processed_dir, split: str, input_size: int = 64, batch_size: int = 32,
-                 training: bool = False, seed: int = 42, augment_p: float = 0.0) -> tf.data.Dataset:
+                 training: bool = False, seed: int = 42, augment_p: float = 0.0,
+                 grayscale_p: float = 0.0) -> tf.data.Dataset:
     "Batches of (raw RGB float32 images, float32 labels with 1 = fake) for one split."
-    check_param("augment_p", augment_p, low=0.0, high=1.0)
+    check_param("augment_p", augment_p, low=0.0, high=1.0); check_param("grayscale_p", grayscale_p, low=0.0, high=1.0)
     rows = manifest[manifest.split == split]
     if rows.empty:
         raise ValueError(f"Split '{split}' has no images; check the preprocess stage's manifest.")
     paths = [str(Path(processed_dir) / p) for p in rows.path]
     labels = rows.y.to_numpy(dtype=np.float32)
     def load(path, label):
-        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
-        image = tf.image.resize(image, (input_size, input_size), method="bilinear")
+        # INTEGER_ACCURATE is libjpeg's islow DCT, the one Pillow uses at serving time: identical pixels
+        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3, dct_method="INTEGER_ACCURATE")
+        image = tf.image.resize(image, (input_size, input_size), method="bilinear")   # identity at the stored size
         return tf.cast(image, tf.float32), label
     ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
     if training:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(lambda xy, s: (augment(xy[0], s, augment_p, input_size), xy[1]),
+        ds = tf.data.Dataset.zip((ds, seeds)).map(lambda xy, s: (augment(xy[0], s, augment_p, input_size, grayscale_p), xy[1]),
                                                   num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 

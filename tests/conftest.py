@@ -16,7 +16,8 @@ BIN = Path(sys.executable).parent
 
 # A few dozen images, one epoch: enough to exercise every stage for real, small enough for CI.
 TINY_PARAMS = {
-    "ingest": dict(n_fake_seeds=12, n_lfw_faces=12, n_variants=2, val_frac=0.25, test_frac=0.25),
+    "ingest": dict(n_stylegan=8, n_dcgan=8, n_vae=4, n_celeba=16, n_olivetti=10, val_frac=0.25, test_frac=0.25),
+    "preprocess": dict(image_size=64),
     "train": dict(epochs=1, fine_tune_epochs=1, batch_size=16, input_size=64),
     "register": dict(model_name="deepguard-detector-test", min_auc=0.0),
 }

@@ -96,6 +96,9 @@ def test_upload_real_and_fake(page, project, tmp_path):
     spectra = page.query_selector_all("img.dg-spectrum")
     assert len(spectra) >= 2 and all(s.is_visible() and s.bounding_box()["width"] > 50 for s in spectra)
     assert len(page.query_selector_all("img.dg-gradcam")) >= 2
+    assert len(page.query_selector_all("img.dg-source")) >= 2          # the upload with its crop square
+    crops = page.query_selector_all("img.dg-input")                    # the colour face crop the model sees
+    assert len(crops) >= 2 and all(c.bounding_box()["width"] > 100 for c in crops)
 
 
 def test_corrupt_upload_shows_a_message_and_the_page_keeps_working(page, project, tmp_path):

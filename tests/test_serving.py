@@ -53,6 +53,9 @@ def test_invocations_match_classify(server, tiny_project):
     local = classify(files, model=tiny_project / "models" / "detector.keras")
     assert [row["label"] for row in body["predictions"]] == [r.label for r in local]
     assert [row["probability_fake"] for row in body["predictions"]] == pytest.approx([r.probability_fake for r in local], abs=1e-5)
+    assert [row["face_found"] for row in body["predictions"]] == [r.face_found for r in local]
+    # the calibrated scale: the served label is FAKE exactly when P(fake) >= 0.5, so its confidence is >= 0.5
+    assert all((row["label"] == "FAKE") == (row["probability_fake"] >= 0.5) for row in body["predictions"])
 
 
 def test_bad_image_is_a_400_that_says_why(server):
