@@ -96,7 +96,8 @@ def main():
 
     result = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__},
-        "model": {"path": str(model_path) if not args.backbone else f"untrained {args.backbone}",
+        "model": {"path": (str(Path(model_path).resolve().relative_to(ROOT)) if Path(model_path).resolve().is_relative_to(ROOT)
+                  else Path(model_path).name) if not args.backbone else f"untrained {args.backbone}",
                   "backbone": detector.metadata.get("backbone"), "input_size": size,
                   "parameters": int(detector.model.count_params())},
         "single_image": {"classify": percentiles(full), "bare_model_call": percentiles(bare),
