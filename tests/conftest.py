@@ -69,7 +69,8 @@ def copy_project(dest: Path) -> Path:
     files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], ROOT).stdout.split("\0")
     for rel in filter(None, files):
         src = ROOT / rel
-        if src.is_file() and not rel.startswith(("data/", "models/")) and rel != "dvc.lock":
+        generated = rel.startswith(("data/", "models/")) and not rel.startswith("data/regression/")
+        if src.is_file() and not generated and rel != "dvc.lock":
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "reports" / "nbs").mkdir(parents=True, exist_ok=True)
