@@ -201,12 +201,15 @@ def test_register_compares_a_challenger_with_the_champion(tiny_project, monkeypa
     assert comparison["champion_version"] == champion_before and comparison["difference"] == 0.0
     metrics = json.loads((tiny_project / "reports" / "metrics.json").read_text())
     worse = {**comparison, "difference": -0.2, "lo": -0.3, "hi": -0.1}
-    record = register_model(models / "detector.keras", models / "threshold.json", metrics, name, 0.0, worse)
-    assert record["champion"] is False and "champion alias unchanged" in record["reason"]
-    assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == champion_before
-    record = register_model(models / "detector.keras", models / "threshold.json", metrics, name, 0.0, comparison)
-    assert record["champion"] is True and "not worse than the champion" in record["reason"]
-    assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == record["version"]
+    try:
+        record = register_model(models / "detector.keras", models / "threshold.json", metrics, name, 0.0, worse)
+        assert record["champion"] is False and "champion alias unchanged" in record["reason"]
+        assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == champion_before
+        record = register_model(models / "detector.keras", models / "threshold.json", metrics, name, 0.0, comparison)
+        assert record["champion"] is True and "not worse than the champion" in record["reason"]
+        assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == record["version"]
+    finally:   # other tests resolve the champion the pipeline registered (reports/registry.json)
+        MlflowClient().set_registered_model_alias(name, "champion", champion_before)
 
 
 def test_second_repro_does_no_work(tiny_project):
