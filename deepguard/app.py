@@ -175,7 +175,7 @@ class DetectorApp:
     def _header_html(self, header: dict, threshold: float) -> str:
         fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
         parts = [f"<b>{html.escape(str(k)).replace('_', ' ')}</b> {fmt(v)}" for k, v in header.items() if v is not None]
-        parts.append(f"<b>validation threshold</b> {threshold:.3f}")
+        parts.append(f"<b>decision</b> calibrated P(fake) &ge; {threshold:.3f}")
         return ("<h2 style='margin:0'>DeepGuard: real or AI-generated face?</h2><div style='color:#555'>"
                 + " · ".join(parts) + "</div>")
 
