@@ -28,7 +28,7 @@ __all__ = ['MANIFEST_COLUMNS', 'ACQUISITION_COLUMNS', 'QUARANTINE_COLUMNS', 'LAB
            'STYLEGAN_MEAN_SEED', 'STYLEGAN_MEAN_N', 'CELEBA_LICENSE', 'OLIVETTI_LICENSE', 'LAYOUTS', 'label_id',
            'split_sources', 'assign_splits', 'package_dir', 'dcgan_faces', 'stylegan_faces', 'vae_faces',
            'celeba_files', 'olivetti_faces', 'sample_photos', 'draw_target', 'draw_quality', 'Acquired',
-           'crop_statistics', 'match_statistics', 'frame_tighter', 'acquire', 'write_png', 'build_demo', 'scan_layout',
+           'crop_statistics', 'match_statistics', 'frame_tighter', 'acquire', 'build_demo', 'scan_layout',
            'sample_per_class', 'import_dataset']
 
 # %% ../nbs/01_ingest.ipynb #8bba13c3
@@ -255,11 +255,6 @@ def _row(out_dir: Path, rel: str, label, source, generator, split, license, **ac
     row = dict(path=rel, label=label, source=source, generator=generator, split=split,
                sha256=file_sha256(path), license=license, width=image.width, height=image.height)
     return {**row, **{k: acquisition.get(k, "") for k in ACQUISITION_COLUMNS}}
-
-def write_png(array: np.ndarray, path: Path) -> None:
-    "Save a uint8 array losslessly (PNG), creating folders."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, "PNG")
 
 def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 200, n_celeba: int = 600,
                n_olivetti: int = 400, photos: bool = True, fake_seed: int = 1000, stylegan_psi: float = 0.7,
