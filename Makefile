@@ -12,7 +12,7 @@ export MPLBACKEND := Agg
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONHASHSEED := 0
 
-.PHONY: setup pipeline test nbtest pytest clean-check export-check metrics dashboard screenshot
+.PHONY: setup pipeline test nbtest pytest clean-check export-check metrics dashboard screenshot serve
 
 # The dashboard on 127.0.0.1:8866; DASHBOARD_IP=0.0.0.0 in a container. Server settings: app/voila.json.
 DASHBOARD_IP ?= 127.0.0.1
@@ -61,6 +61,17 @@ metrics:
 
 dashboard: setup
 	$(BIN)/voila app/dashboard.ipynb --Voila.config_file_paths=app --Voila.ip=$(DASHBOARD_IP) --port=$(DASHBOARD_PORT)
+
+# The model server (MLServer + DeepGuard's runtime, deepguard/serving.py): MLflow's scoring protocol at
+# http://$(SERVE_HOST):$(SERVE_PORT)/invocations, V2 at /v2/models/deepguard/infer, Prometheus at :$(METRICS_PORT)/metrics.
+SERVE_MODEL ?= models:/deepguard-detector@champion
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 8080
+GRPC_PORT ?= 8081
+METRICS_PORT ?= 8082
+serve: setup
+	$(BIN)/deepguard serve --model "$(SERVE_MODEL)" --host $(SERVE_HOST) --port $(SERVE_PORT) \
+		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 # The README's screenshot: the browser test, run against this project's own pipeline model.
 screenshot: setup

@@ -124,11 +124,24 @@ def _load_registry(uri: str) -> LoadedDetector:
                              "Run `make pipeline` (its register stage fills the registry) or pass model=...") from err
     return replace(wrapper.detector, name=name, version=str(version))
 
+def _load_mlflow_folder(path: Path) -> LoadedDetector:
+    "A logged pyfunc's folder (MLmodel + artifacts), e.g. downloaded from the registry or baked into an image."
+    import mlflow
+    try:
+        model = mlflow.pyfunc.load_model(str(path))
+        detector = model.unwrap_python_model().detector
+    except Exception as err:
+        raise DeepGuardError(f"Could not load the MLflow model in {path}: {err}") from err
+    run = (model.metadata.run_id or "unknown")[:8]
+    return replace(detector, name=path.name, version="run-" + run)
+
 @lru_cache(maxsize=4)
 def load_detector(location: str) -> LoadedDetector:
-    "Load a detector from a .keras path (metadata and threshold.json beside it) or a models:/ URI; cached."
+    "Load a detector from a .keras path (metadata and threshold.json beside it), a models:/ URI or an MLflow model folder; cached."
     if str(location).startswith("models:/"):
         return _load_registry(str(location))
+    if (Path(location) / "MLmodel").is_file():
+        return _load_mlflow_folder(Path(location))
     return _load_local(Path(location))
 
 def resolve_model(model: str | Path | None = None) -> str:

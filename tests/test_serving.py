@@ -1,7 +1,14 @@
-"""The registered model behind MLflow's own server: `mlflow models serve -m models:/...@champion --env-manager local`."""
+"""The model server (`deepguard serve`: MLServer + DeepGuard's runtime) on the tiny pipeline's registered model.
+
+Started once on free loopback ports, stopped at the end of the module. Checks: answers equal `classify`'s in every
+MLflow request format and over the V2 protocol, the Prometheus counters move, bad input gets 400/408/413 naming the
+reason, a stalled client does not block others, and 1,000 bad requests in a row leave the server answering."""
 import base64
+import http.client
 import json
 import os
+import re
+import socket
 import urllib.error
 import urllib.request
 
@@ -9,12 +16,17 @@ import pytest
 
 from conftest import BIN, background_server, free_port
 from deepguard.predict import classify
+from test_predict import ALL_BAD_FILES
+from test_data import ODD_BUT_VALID
 
 STARTUP_SECONDS = 180
+MAX_BODY = 1_000_000
+BODY_TIMEOUT = 3
 
 
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -22,44 +34,166 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-@pytest.fixture(scope="module")
-def server(tiny_project):
-    port = free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("DEEPGUARD_ROOT", None)
-    base = f"http://127.0.0.1:{port}"
-    def pinging():
-        try:
-            with urllib.request.urlopen(base + "/ping", timeout=2):
-                return True
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-    cmd = ["mlflow", "models", "serve", "-m", "models:/deepguard-detector-test@champion", "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port)]
-    with background_server(cmd, tiny_project, env, tiny_project / "serve.log", pinging, STARTUP_SECONDS):
-        yield base
-
-
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def test_invocations_match_classify(server, tiny_project):
-    files = sorted((tiny_project / "data" / "processed" / "images" / "test").rglob("*.jpg"))[:4]
-    status, body = post(server + "/invocations",
-                        {"dataframe_split": {"columns": ["image"], "data": [[b64(p.read_bytes())] for p in files]}})
+def metrics(url: str) -> dict:
+    "Prometheus text → {'name{labels}': value} for DeepGuard's series."
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(deepguard_\S+) (\S+)$", text, re.M)}
+
+
+def total(series: dict, name: str, **labels) -> float:
+    "Sum of a metric's series whose labels include `labels`."
+    found = 0.0
+    for key, value in series.items():
+        if key.split("{")[0] == name and all(f'{k}="{v}"' in key for k, v in labels.items()):
+            found += value
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(tiny_project):
+    port, metrics_port, grpc_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("DEEPGUARD_ROOT", None)
+    base = f"http://127.0.0.1:{port}"
+    def ready():
+        try:
+            with urllib.request.urlopen(base + "/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+    cmd = ["deepguard", "serve", "--model", "models:/deepguard-detector-test@champion", "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port),
+           "--max-body-bytes", str(MAX_BODY), "--body-timeout", str(BODY_TIMEOUT)]
+    with background_server(cmd, tiny_project, env, tiny_project / "serve.log", ready, STARTUP_SECONDS) as proc:
+        yield dict(base=base, metrics=f"http://127.0.0.1:{metrics_port}/metrics", port=port, proc=proc)
+
+
+@pytest.fixture(scope="module")
+def test_files(tiny_project):
+    return sorted((tiny_project / "data" / "raw" / "images").rglob("*.jpg"))[:6]
+
+
+def test_invocations_match_classify(server, tiny_project, test_files):
+    status, body = post(server["base"] + "/invocations",
+                        {"dataframe_split": {"columns": ["image"], "data": [[b64(p.read_bytes())] for p in test_files]}})
     assert status == 200, body
-    local = classify(files, model=tiny_project / "models" / "detector.keras")
+    local = classify(test_files, model=tiny_project / "models" / "detector.keras")   # the champion's files
     assert [row["label"] for row in body["predictions"]] == [r.label for r in local]
-    assert [row["probability_fake"] for row in body["predictions"]] == pytest.approx([r.probability_fake for r in local], abs=1e-5)
+    assert [row["probability_fake"] for row in body["predictions"]] == pytest.approx([r.probability_fake for r in local], abs=1e-6)
     assert [row["face_found"] for row in body["predictions"]] == [r.face_found for r in local]
-    # the calibrated scale: the served label is FAKE exactly when P(fake) >= 0.5, so its confidence is >= 0.5
+    # the calibrated scale: the served label is FAKE exactly when P(fake) >= 0.5
     assert all((row["label"] == "FAKE") == (row["probability_fake"] >= 0.5) for row in body["predictions"])
 
 
-def test_bad_image_is_a_400_that_says_why(server):
-    status, body = post(server + "/invocations", {"dataframe_records": [{"image": b64(b"plain text, not an image")}]})
-    assert status == 400 and "row 0" in body["message"] and "not_image" in body["message"]
-    status, body = post(server + "/invocations", {"dataframe_records": [{"image": "%%% not base64 %%%"}]})
-    assert status == 400 and "base64" in body["message"]
+def test_every_mlflow_request_format_and_v2_agree(server, test_files):
+    texts = [b64(p.read_bytes()) for p in test_files[:3]]
+    answers = [post(server["base"] + "/invocations", body)[1]["predictions"] for body in (
+        {"dataframe_split": {"columns": ["image"], "data": [[t] for t in texts]}},
+        {"dataframe_records": [{"image": t} for t in texts]},
+        {"instances": [{"image": t} for t in texts]},
+        {"inputs": {"image": texts}})]
+    assert all(a == answers[0] for a in answers)
+    status, v2 = post(server["base"] + "/v2/models/deepguard/infer", {"inputs": [
+        {"name": "image", "datatype": "BYTES", "shape": [3], "data": texts, "parameters": {"content_type": "base64"}}]})
+    assert status == 200, v2
+    outputs = {o["name"]: o["data"] for o in v2["outputs"]}
+    assert outputs["probability_fake"] == pytest.approx([a["probability_fake"] for a in answers[0]], abs=1e-9)
+    assert outputs["label"] == [a["label"] for a in answers[0]] and outputs["error"] == ["", "", ""]
+
+
+def test_metrics_move(server, test_files):
+    before = metrics(server["metrics"])
+    assert total(before, "deepguard_model_info", model_name="deepguard-detector-test") == 1
+    assert post(server["base"] + "/invocations", {"inputs": {"image": [b64(p.read_bytes()) for p in test_files[:2]]}})[0] == 200
+    assert post(server["base"] + "/invocations", {"inputs": {"image": [b64(b"not an image")]}})[0] == 400
+    after = metrics(server["metrics"])
+    grew = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)
+    assert grew("deepguard_requests_total", outcome="ok") == 1
+    assert grew("deepguard_requests_total", outcome="bad_request") == 1
+    assert grew("deepguard_errors_total", reason="not_image") == 1
+    assert grew("deepguard_request_latency_seconds_count") == 1
+    assert grew("deepguard_predictions_total") == 2
+    assert grew("deepguard_probability_fake_count") == 2 and grew("deepguard_batch_size_sum") == 2
+    assert all('model_version="' in key for key in after)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_BAD_FILES))
+def test_bad_image_is_a_400_naming_row_and_reason(server, name, test_files):
+    content, reason = ALL_BAD_FILES[name]
+    status, body = post(server["base"] + "/invocations",
+                        {"dataframe_records": [{"image": b64(test_files[0].read_bytes())}, {"image": b64(content)}]})
+    assert status == 400 and body["message"].startswith("row 1:") and body["reason"] == reason, body
+
+
+@pytest.mark.parametrize("name", sorted(ODD_BUT_VALID))
+def test_odd_but_valid_images_are_answered(server, name):
+    status, body = post(server["base"] + "/invocations", {"inputs": {"image": [b64(ODD_BUT_VALID[name][0])]}})
+    assert status == 200 and 0 <= body["predictions"][0]["probability_fake"] <= 1, body
+
+
+@pytest.mark.parametrize("body, content_type, reason", [
+    ({"dataframe_records": [{"image": "%%% not base64 %%%"}]}, "application/json", "not_base64"),
+    (b"{not json", "application/json", "bad_json"),
+    ({"columns": ["image"]}, "application/json", "bad_json"),
+    ({"inputs": {"image": []}}, "application/json", "empty_request"),
+    (b"image\nabc\n", "text/csv", "content_type"),
+])
+def test_bad_requests_are_400s_that_say_why(server, body, content_type, reason):
+    status, answer = post(server["base"] + "/invocations", body, content_type)
+    assert status == 400 and answer["reason"] == reason, answer
+
+
+def test_oversized_body_is_413(server):
+    status, answer = post(server["base"] + "/invocations", {"inputs": {"image": ["A" * (MAX_BODY + 10)]}})
+    assert status == 413 and answer["reason"] == "body_too_large"
+    # a chunked upload declares no length: refused while it streams in
+    conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
+    chunks = (b'{"inputs": {"image": ["' + b"A" * 100_000 for _ in range(MAX_BODY // 100_000 + 2))
+    conn.request("POST", "/invocations", body=chunks, headers={"Content-Type": "application/json"}, encode_chunked=True)
+    response = conn.getresponse()
+    assert response.status == 413 and json.loads(response.read())["reason"] == "body_too_large"
+    conn.close()
+
+
+def test_a_stalled_client_does_not_block_others_and_gets_408(server, test_files):
+    stalled = socket.create_connection(("127.0.0.1", server["port"]), timeout=60)
+    stalled.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 5000\r\n\r\n{\"inputs\": ")
+    try:
+        status, body = post(server["base"] + "/invocations", {"inputs": {"image": [b64(test_files[0].read_bytes())]}})
+        assert status == 200, body                          # answered while the other client holds its request open
+        reply = b""
+        while b"}" not in reply:                              # the 408's JSON body, after BODY_TIMEOUT seconds
+            chunk = stalled.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        reply = reply.decode(errors="replace")
+        assert reply.startswith("HTTP/1.1 408") and "body_timeout" in reply, reply
+    finally:
+        stalled.close()
+
+
+def test_survives_a_thousand_bad_requests_in_a_row(server, test_files):
+    before = metrics(server["metrics"])
+    conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
+    bodies = [json.dumps({"inputs": {"image": [b64(b"garbage")]}}).encode(), b"{broken", b'{"inputs": {"image": []}}']
+    statuses = []
+    for i in range(1000):
+        conn.request("POST", "/invocations", body=bodies[i % 3], headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        statuses.append(response.status)
+    conn.close()
+    assert statuses == [400] * 1000
+    assert server["proc"].poll() is None
+    status, body = post(server["base"] + "/invocations", {"inputs": {"image": [b64(test_files[0].read_bytes())]}})
+    assert status == 200, body
+    after = metrics(server["metrics"])
+    assert total(after, "deepguard_requests_total", outcome="bad_request") - total(before, "deepguard_requests_total", outcome="bad_request") == 1000

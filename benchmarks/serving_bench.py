@@ -1,0 +1,233 @@
+"""The model server under load on this machine, against in-process `classify` on the same images in the same run.
+
+    make pipeline                                   # a registered champion and the demo images
+    apt-get install wrk                             # the load generator (Debian's package)
+    python benchmarks/serving_bench.py              # writes reports/benchmarks/serving.json
+
+What it does, all on loopback, bounded in time:
+1. in-process: `classify` one image at a time (p50 over the test images) and one list of `--batch` images
+   (images/s), with the model loaded once, as a library user would;
+2. starts `deepguard serve` on free ports and times process start -> first 200 answer (cold start);
+3. wrk (`-t1 -c N -d D --latency`, a Lua script cycling through one request body per test image, one image per
+   request) at 1, 8 and 32 concurrent connections: requests/s, p50/p95/p99, errors (sockets, timeouts, non-2xx);
+4. the same 32-client load against two variants (no adaptive batching; one inference thread), so the defaults
+   are chosen by measurement.
+The goals (issue 15) are ratios within this one run: single-client p50 <= 2x in-process classify p50, 32-client
+throughput >= 0.8x in-process batch throughput, zero errors, cold start <= 3 s. Figures, not assertions.
+"""
+import argparse
+import base64
+import csv
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+LUA = r"""
+local bodies = {}
+local i = 0
+init = function(args)
+  local f = io.open(args[1], "r")
+  for line in f:lines() do bodies[#bodies + 1] = line end
+  f:close()
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = "application/json"
+end
+request = function()
+  i = i % #bodies + 1
+  return wrk.format(nil, "/invocations", nil, bodies[i])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRK_JSON {"requests": %d, "duration_us": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d, '
+    .. '"max_us": %d, "connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(95), latency:percentile(99),
+    latency.max, e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_images(limit: int) -> list[Path]:
+    "The raw test-split images of the demo corpus (real and fake, as acquired), at most `limit`, interleaved."
+    rows = list(csv.DictReader(open(ROOT / "data" / "raw" / "manifest.csv")))
+    by_label = {lab: [ROOT / "data" / "raw" / r["path"] for r in rows if r["split"] == "test" and r["label"] == lab]
+                for lab in ("real", "fake")}
+    mixed = [p for pair in zip(by_label["real"], by_label["fake"]) for p in pair]
+    if not mixed:
+        sys.exit("No test images in data/raw/manifest.csv: run `make pipeline` first.")
+    return mixed[:limit]
+
+
+def post(url: str, body: bytes, timeout: float = 60) -> int:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+class Server:
+    "`deepguard serve` on free loopback ports; cold start = process start to the first 200 answer."
+    def __init__(self, model: str, body: bytes, log: Path, extra=()):
+        self.port = free_port()
+        cmd = [str(Path(sys.executable).parent / "deepguard"), "serve", "--model", model, "--port", str(self.port),
+               "--metrics-port", str(free_port()), "--grpc-port", str(free_port()), *extra]
+        start = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{self.port}/invocations"
+        while True:
+            if self.proc.poll() is not None:
+                sys.exit(f"the server exited ({self.proc.returncode}); see {log}")
+            if time.perf_counter() - start > 300:
+                self.stop(); sys.exit(f"the server did not answer within 300 s; see {log}")
+            try:
+                if post(url, body) == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.05)
+        self.cold_start_s = time.perf_counter() - start
+
+    def stop(self):
+        os.killpg(self.proc.pid, 15)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+
+
+def wrk(port: int, clients: int, seconds: int, bodies: Path, script: Path) -> dict:
+    cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", str(script),
+           f"http://127.0.0.1:{port}/invocations", "--", str(bodies)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120, check=True).stdout
+    raw = json.loads(next(line for line in out.splitlines() if line.startswith("WRK_JSON "))[len("WRK_JSON "):])
+    errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
+    return {"clients": clients, "seconds": seconds, "requests": raw["requests"],
+            "requests_per_s": round(raw["requests"] / (raw["duration_us"] / 1e6), 2),
+            "p50_ms": round(raw["p50_us"] / 1000, 1), "p95_ms": round(raw["p95_us"] / 1000, 1),
+            "p99_ms": round(raw["p99_us"] / 1000, 1), "max_ms": round(raw["max_us"] / 1000, 1), "errors": errors,
+            "errors_by_kind": {k: raw[k] for k in ("connect", "read", "write", "status", "timeout")}}
+
+
+def in_process(model: str, files: list[Path], batch: int, rounds: int) -> dict:
+    "classify as a library user calls it, model loaded once: single images (p50) and one list (images/s)."
+    from deepguard.predict import classify, load_detector, resolve_model
+    from deepguard.core import load_image
+    detector = load_detector(resolve_model(model))
+    data = [f.read_bytes() for f in files]
+    for d in data[:5]:
+        classify(d, model=model)
+    single = []
+    for _ in range(rounds):
+        for d in data:
+            t = time.perf_counter(); classify(d, model=model); single.append(time.perf_counter() - t)
+    images = [load_image(d) for d in (data * (batch // len(data) + 1))[:batch]]
+    classify(images, model=model)
+    batch_s = []
+    for _ in range(3):
+        t = time.perf_counter(); classify(images, model=model); batch_s.append(time.perf_counter() - t)
+    return {"model": f"{detector.name} {detector.version}", "single_image_p50_ms": round(float(np.median(single)) * 1000, 1),
+            "single_image_p95_ms": round(float(np.percentile(single, 95)) * 1000, 1), "single_images_timed": len(single),
+            "batch": batch, "batch_images_per_s": round(batch / float(np.median(batch_s)), 2)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models:/deepguard-detector@champion")
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--seconds", type=int, default=20, help="wrk duration per load level")
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=32, help="images in the in-process batch")
+    parser.add_argument("--no-variants", action="store_true", help="skip the no-batching and one-thread variants")
+    parser.add_argument("--out", default=str(ROOT / "reports" / "benchmarks" / "serving.json"))
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed: apt-get install wrk (Debian's package), then run this again.")
+
+    files = test_images(args.images)
+    tmp = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    bodies = tmp / "bodies.txt"
+    bodies.write_text("".join(json.dumps({"inputs": {"image": [base64.b64encode(f.read_bytes()).decode()]}}) + "\n"
+                              for f in files))
+    script = tmp / "post.lua"
+    script.write_text(LUA)
+    first_body = bodies.read_text().splitlines()[0].encode()
+
+    local = in_process(args.model, files, args.batch, rounds=2)
+    print("in-process:", json.dumps(local))
+
+    def load_levels(server, levels):
+        wrk(server.port, 2, 3, bodies, script)                      # warm-up, not reported
+        results = []
+        for clients in levels:
+            results.append(wrk(server.port, clients, args.seconds, bodies, script))
+            print(json.dumps(results[-1]))
+        return results
+
+    server = Server(args.model, first_body, tmp / "serve.log")
+    try:
+        levels = load_levels(server, [int(c) for c in args.clients.split(",")])
+    finally:
+        server.stop()
+    variants = {}
+    if not args.no_variants:
+        for name, extra in {"no_batching": ["--max-batch-size", "1"], "one_thread": ["--threads", "1"]}.items():
+            v = Server(args.model, first_body, tmp / f"serve-{name}.log", extra)
+            try:
+                variants[name] = {"flags": " ".join(extra), "cold_start_s": round(v.cold_start_s, 2),
+                                  **load_levels(v, [max(int(c) for c in args.clients.split(","))])[0]}
+            finally:
+                v.stop()
+
+    from deepguard.serving import SERVE_DEFAULTS
+    one = next((r for r in levels if r["clients"] == 1), None)
+    many = next((r for r in levels if r["clients"] == 32), None)
+    goals = {
+        "single_client_p50_over_in_process_p50": {"value": round(one["p50_ms"] / local["single_image_p50_ms"], 2) if one else None, "goal": "<= 2"},
+        "clients32_throughput_over_in_process_batch": {"value": round(many["requests_per_s"] / local["batch_images_per_s"], 2) if many else None, "goal": ">= 0.8"},
+        "errors": {"value": sum(r["errors"] for r in levels), "goal": "== 0"},
+        "cold_start_s": {"value": round(server.cold_start_s, 2), "goal": "<= 3"},
+    }
+    met = {"single_client_p50_over_in_process_p50": lambda v: v is not None and v <= 2,
+           "clients32_throughput_over_in_process_batch": lambda v: v is not None and v >= 0.8,
+           "errors": lambda v: v == 0, "cold_start_s": lambda v: v <= 3}
+    for key, goal in goals.items():
+        goal["met"] = met[key](goal["value"])
+    import mlserver, tensorflow as tf
+    result = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__,
+                    "mlserver": mlserver.__version__, "load_generator": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0][:40]},
+        "model": args.model, "images": len(files), "image_bytes_median": int(np.median([f.stat().st_size for f in files])),
+        "server_defaults": {k: SERVE_DEFAULTS[k] for k in ("max_batch_size", "max_batch_time", "inference_threads")},
+        "in_process": local, "server": levels, "cold_start_s": round(server.cold_start_s, 2),
+        "variants_at_max_clients": variants, "goals": goals,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
