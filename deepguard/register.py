@@ -150,4 +150,5 @@ def _pinned_requirements() -> list[str]:
     "The serving environment: the installed versions of what the pyfunc imports."
     from importlib.metadata import version
     return [f"{name}=={version(name)}" for name in
-            ("mlflow", "tensorflow-cpu", "keras", "pillow", "numpy", "pandas", "pyyaml", "scikit-learn")]
+            ("mlflow", "tensorflow-cpu", "keras", "openvino", "mtcnn", "pillow", "numpy", "pandas", "pyyaml",
+             "scikit-learn")]

@@ -109,7 +109,7 @@ def serving_metrics(registry=None) -> dict:
         "batch": (Histogram, "deepguard_batch_size", "images per model call after adaptive batching", [], {"buckets": BATCH_BUCKETS}),
         "probability": (Histogram, "deepguard_probability_fake", "served calibrated P(fake)", [], {"buckets": PROBABILITY_BUCKETS}),
         "predictions": (Counter, "deepguard_predictions_total", "served answers by label and whether a face was found", ["label", "face_found"], {}),
-        "info": (Gauge, "deepguard_model_info", "the loaded detector (value 1) and its decision threshold", ["threshold", "input_size"], {}),
+        "info": (Gauge, "deepguard_model_info", "the loaded detector (value 1): decision threshold, input size, runtime", ["threshold", "input_size", "runtime"], {}),
     }
     metrics = {}
     for key, (kind, name, doc, labels, extra) in spec.items():
@@ -149,7 +149,8 @@ class DetectorRuntime(MLModel):
         self.detector = await asyncio.get_running_loop().run_in_executor(self.pool, load_detector, params.uri)
         self.metrics = serving_metrics()
         self.labels = (self.detector.name, self.detector.version)
-        self.metrics["info"].labels(*self.labels, f"{self.detector.threshold:.4f}", str(self.detector.metadata["input_size"])).set(1)
+        self.metrics["info"].labels(*self.labels, f"{self.detector.threshold:.4f}", str(self.detector.metadata["input_size"]),
+                                    self.detector.runtime).set(1)
         from PIL import Image
         await asyncio.get_running_loop().run_in_executor(self.pool, self.detector.score, [Image.new("RGB", (160, 160), (128, 128, 128))])
         get_logger("serving").info("loaded %s version %s from %s", *self.labels, params.uri)
