@@ -10,8 +10,8 @@ What it does, all on loopback, bounded in time:
 2. starts `deepguard serve` on free ports and times process start -> first 200 answer (cold start);
 3. wrk (`-t1 -c N -d D --latency`, a Lua script cycling through one request body per test image, one image per
    request) at 1, 8 and 32 concurrent connections: requests/s, p50/p95/p99, errors (sockets, timeouts, non-2xx);
-4. the same 32-client load against two variants (no adaptive batching; one inference thread), so the defaults
-   are chosen by measurement.
+4. the same 32-client load against two variants (one process, where /invocations goes through the adaptive
+   batcher: with one and with two inference threads), so the defaults are chosen by measurement.
 The goals (issue 15) are ratios within this one run: single-client p50 <= 2x in-process classify p50, 32-client
 throughput >= 0.8x in-process batch throughput, zero errors, cold start <= 3 s. Figures, not assertions.
 """
@@ -159,7 +159,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=20, help="wrk duration per load level")
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--batch", type=int, default=32, help="images in the in-process batch")
-    parser.add_argument("--no-variants", action="store_true", help="skip the no-batching and one-thread variants")
+    parser.add_argument("--no-variants", action="store_true", help="skip the one-process variants")
     parser.add_argument("--out", default=str(ROOT / "reports" / "benchmarks" / "serving.json"))
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -192,7 +192,7 @@ def main():
         server.stop()
     variants = {}
     if not args.no_variants:
-        for name, extra in {"no_batching": ["--max-batch-size", "1"], "one_thread": ["--threads", "1"]}.items():
+        for name, extra in {"one_process": ["--workers", "0"], "one_process_two_threads": ["--workers", "0", "--threads", "2"]}.items():
             v = Server(args.model, first_body, tmp / f"serve-{name}.log", extra)
             try:
                 variants[name] = {"flags": " ".join(extra), "cold_start_s": round(v.cold_start_s, 2),
@@ -219,7 +219,7 @@ def main():
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__,
                     "mlserver": mlserver.__version__, "load_generator": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0][:40]},
         "model": args.model, "images": len(files), "image_bytes_median": int(np.median([f.stat().st_size for f in files])),
-        "server_defaults": {k: SERVE_DEFAULTS[k] for k in ("max_batch_size", "max_batch_time", "inference_threads")},
+        "server_defaults": {k: SERVE_DEFAULTS[k] for k in ("workers", "inference_threads", "max_batch_size", "max_batch_time")},
         "in_process": local, "server": levels, "cold_start_s": round(server.cold_start_s, 2),
         "variants_at_max_clients": variants, "goals": goals,
     }

@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=int(env("SERVE_PORT", 8080)), help="REST port (default: $SERVE_PORT or 8080)")
     v.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", 8082)), help="Prometheus port (default: $METRICS_PORT or 8082)")
     v.add_argument("--grpc-port", type=int, default=int(env("GRPC_PORT", 8081)), help="gRPC port (default: $GRPC_PORT or 8081)")
-    v.add_argument("--max-batch-size", type=int, default=None, help="images per batched model call (default 16)")
+    v.add_argument("--max-batch-size", type=int, default=None, help="images per batched V2 model call (default 16)")
     v.add_argument("--max-batch-time", type=float, default=None, help="seconds a request waits for others to batch with (default 0.01)")
-    v.add_argument("--threads", type=int, default=None, dest="inference_threads", help="inference threads (default 2)")
+    v.add_argument("--workers", type=int, default=None, help="inference processes, each with its own detector (default 2; 0: in the server process)")
+    v.add_argument("--threads", type=int, default=None, dest="inference_threads", help="inference threads per process (default 1)")
     v.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default 20,000,000)")
     v.add_argument("--body-timeout", type=float, default=None, help="seconds to receive a request body before 408 (default 30)")
     return parser
@@ -140,6 +141,7 @@ def serve_command(args, err=None) -> int:
     err = err or sys.stderr
     try:
         serve(args.model, host=args.host, port=args.port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+              workers=args.workers,
               max_batch_size=args.max_batch_size, max_batch_time=args.max_batch_time,
               inference_threads=args.inference_threads, max_body_bytes=args.max_body_bytes,
               body_timeout=args.body_timeout)

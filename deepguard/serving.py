@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,9 +17,9 @@ import numpy as np
 from .core import DeepGuardError, InvalidImageError, get_logger, load_image
 
 # %% auto #0
-__all__ = ['LATENCY_BUCKETS', 'BATCH_BUCKETS', 'PROBABILITY_BUCKETS', 'DEFAULT_SERVING', 'SERVE_DEFAULTS', 'RequestError',
-           'image_column', 'decode_images', 'read_body', 'serving_metrics', 'DetectorRuntime', 'server_settings',
-           'serve']
+__all__ = ['BODY_LIMITS', 'LATENCY_BUCKETS', 'BATCH_BUCKETS', 'PROBABILITY_BUCKETS', 'DEFAULT_SERVING', 'SERVE_DEFAULTS',
+           'RequestError', 'image_column', 'decode_images', 'read_body', 'body_limits', 'limited_body',
+           'serving_metrics', 'DetectorRuntime', 'server_settings', 'serve']
 
 # %% ../nbs/11_serving.ipynb #a1f0c007
 class RequestError(DeepGuardError):
@@ -92,6 +94,20 @@ async def read_body(request, max_bytes: int, timeout: float) -> bytes:
     except asyncio.TimeoutError:
         raise RequestError(408, "body_timeout", f"the request body did not arrive within {timeout:g} s")
 
+BODY_LIMITS = dict(max_body_bytes=20_000_000, body_timeout=30.0)   # DEEPGUARD_MAX_BODY_BYTES, DEEPGUARD_BODY_TIMEOUT
+
+def body_limits() -> tuple[int, float]:
+    "(max bytes, seconds) for a request body: the environment's DEEPGUARD_MAX_BODY_BYTES / DEEPGUARD_BODY_TIMEOUT, else `BODY_LIMITS`."
+    return (int(os.environ.get("DEEPGUARD_MAX_BODY_BYTES") or BODY_LIMITS["max_body_bytes"]),
+            float(os.environ.get("DEEPGUARD_BODY_TIMEOUT") or BODY_LIMITS["body_timeout"]))
+
+async def limited_body(request: "Request") -> dict:
+    "FastAPI dependency of `/invocations`, run in the server's main process: {'body': bytes} or {'error': (status, reason, message)}."
+    try:
+        return {"body": await read_body(request, *body_limits())}
+    except RequestError as err:
+        return {"error": (err.status, err.reason, str(err))}
+
 # %% ../nbs/11_serving.ipynb #a1f0c014
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -112,13 +128,14 @@ def serving_metrics(registry=None) -> dict:
         "info": (Gauge, "deepguard_model_info", "the loaded detector (value 1): decision threshold, input size, runtime", ["threshold", "input_size", "runtime"], {}),
     }
     metrics = {}
+    spec["info"][4]["multiprocess_mode"] = "max"     # one series, not one per worker process
     for key, (kind, name, doc, labels, extra) in spec.items():
         existing = registry._names_to_collectors.get(name) or registry._names_to_collectors.get(name.removesuffix("_total"))
         metrics[key] = existing or kind(name, doc, ["model_name", "model_version", *labels], registry=registry, **extra)
     return metrics
 
 # %% ../nbs/11_serving.ipynb #a1f0c017
-from fastapi import Request
+from fastapi import Depends, Header, Request
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec, StringCodec
 from mlserver.context import model_context
@@ -133,7 +150,7 @@ def _from_text(text: str) -> bytes:
     except (binascii.Error, ValueError):
         return text.encode("utf-8", "replace")
 
-DEFAULT_SERVING = dict(max_body_bytes=20_000_000, body_timeout=30.0, inference_threads=2)
+DEFAULT_SERVING = dict(inference_threads=1)
 
 class DetectorRuntime(MLModel):
     "MLServer runtime around the one `LoadedDetector`: V2 `predict` (batched) and MLflow's `/invocations`."
@@ -144,7 +161,6 @@ class DetectorRuntime(MLModel):
         if params is None or not params.uri:
             raise DeepGuardError("DetectorRuntime needs parameters.uri: a models:/ URI, an MLflow model folder or a .keras file")
         extra = {**DEFAULT_SERVING, **(params.extra or {})}
-        self.max_body_bytes, self.body_timeout = int(extra["max_body_bytes"]), float(extra["body_timeout"])
         self.pool = ThreadPoolExecutor(max_workers=int(extra["inference_threads"]), thread_name_prefix="deepguard")
         self.detector = await asyncio.get_running_loop().run_in_executor(self.pool, load_detector, params.uri)
         self.metrics = serving_metrics()
@@ -186,14 +202,15 @@ class DetectorRuntime(MLModel):
             StringCodec.encode_output("error", result["error"])])
 
     @custom_handler(rest_path="/invocations")
-    async def invocations(self, request: Request):
-        "MLflow's scoring protocol through the batched `predict`; 400/408/413 with a JSON reason."
+    async def invocations(self, received: dict = Depends(limited_body), content_type: str = Header(default="application/json")):
+        "MLflow's scoring protocol through `predict`; 400/408/413 with a JSON reason."
         from fastapi.responses import JSONResponse
         start = time.perf_counter()
         try:
-            body = await read_body(request, self.max_body_bytes, self.body_timeout)
+            if "error" in received:
+                raise RequestError(*received["error"])
             files, _ = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: decode_images(image_column(body, request.headers.get("content-type", "application/json"))))
+                None, lambda: decode_images(image_column(received["body"], content_type)))
             v2 = InferenceRequest(inputs=[RequestInput(name="image", datatype="BYTES", shape=[len(files)], data=files)])
             with model_context(self.settings):       # what MLServer's data plane does around a V2 call
                 answer = await self.predict(v2)
@@ -228,8 +245,8 @@ class DetectorRuntime(MLModel):
         return True
 
 # %% ../nbs/11_serving.ipynb #a1f0c019
-SERVE_DEFAULTS = dict(host="127.0.0.1", port=8080, grpc_port=8081, metrics_port=8082,
-                      max_batch_size=16, max_batch_time=0.01, **DEFAULT_SERVING)
+SERVE_DEFAULTS = dict(host="127.0.0.1", port=8080, grpc_port=8081, metrics_port=8082, workers=2,
+                      max_batch_size=16, max_batch_time=0.01, **DEFAULT_SERVING, **BODY_LIMITS)
 
 def server_settings(model: str, **overrides) -> tuple:
     "(MLServer `Settings`, [`ModelSettings`]) for serving `model` with `SERVE_DEFAULTS` updated by `overrides`."
@@ -243,8 +260,11 @@ def server_settings(model: str, **overrides) -> tuple:
         raise ValueError(f"REST, gRPC and metrics ports must be three different ports in 1..65535, got {ports}")
     if int(s["max_batch_size"]) < 1 or float(s["max_batch_time"]) < 0:
         raise ValueError("max_batch_size must be >= 1 and max_batch_time >= 0 (seconds)")
+    if int(s["workers"]) < 0 or int(s["inference_threads"]) < 1 or int(s["max_body_bytes"]) < 1 or float(s["body_timeout"]) <= 0:
+        raise ValueError("workers must be >= 0 (0: inference in the server process), threads >= 1, body limits > 0")
     settings = Settings(host=s["host"], http_port=int(s["port"]), grpc_port=int(s["grpc_port"]),
-                        metrics_port=int(s["metrics_port"]), parallel_workers=0, debug=False,
+                        metrics_port=int(s["metrics_port"]), parallel_workers=int(s["workers"]), debug=False,
+                        metrics_dir=tempfile.mkdtemp(prefix="deepguard-metrics-"),
                         load_models_at_startup=False, model_repository_root="/nonexistent-deepguard-models")
     model_settings = ModelSettings(
         name="deepguard", implementation=DetectorRuntime,
@@ -256,6 +276,9 @@ def serve(model: str, **overrides) -> None:
     "Run the model server in the foreground until SIGINT/SIGTERM."
     from mlserver import MLServer
     settings, models = server_settings(model, **overrides)
+    limits = {**BODY_LIMITS, **{k: v for k, v in overrides.items() if k in BODY_LIMITS and v is not None}}
+    os.environ["DEEPGUARD_MAX_BODY_BYTES"] = str(int(limits["max_body_bytes"]))
+    os.environ["DEEPGUARD_BODY_TIMEOUT"] = str(float(limits["body_timeout"]))
     async def run():           # MLServer installs its signal handlers on the running loop
         await MLServer(settings).start(models)
     asyncio.run(run())
