@@ -1,43 +1,74 @@
-# The DeepGuard dashboard (Voila) in a container. It serves a model, it does not train one: build it after
-# `make pipeline`, which writes the detector, its test metrics and the demo images the image carries.
-#   make pipeline
-#   docker build -t deepguard-dashboard .
-#   docker run --rm -p 8866:8866 deepguard-dashboard          # then open http://localhost:8866
-# To serve another detector, mount it and point DEEPGUARD_MODEL at it:
-#   docker run --rm -p 8866:8866 -v "$PWD/models:/models:ro" -e DEEPGUARD_MODEL=/models/detector.keras deepguard-dashboard
-FROM python:3.11.7-slim-bookworm
+# DeepGuard images. The default (last) target is the model server, `deepguard serve` (MLServer + DeepGuard's
+# runtime) with a registered model baked in; the `dashboard` target is the Voila dashboard.
+#
+#   make pipeline && make image           # here: podman, from a Debian base made by debootstrap (no Docker Hub)
+#   docker build -t deepguard-server .    # with Docker: BASE_IMAGE defaults to the official Python slim image
+#   docker run --rm -p 8080:8080 -p 8082:8082 deepguard-server
+#   docker build --target dashboard -t deepguard-dashboard . && docker run --rm -p 8866:8866 deepguard-dashboard
+#
+# `make image` first exports the registry's champion into build/image/model (an MLflow model folder); to serve
+# from the registry instead, run the image with `serve --model models:/...@champion` and MLFLOW_TRACKING_URI.
+ARG BASE_IMAGE=python:3.11.7-slim-bookworm
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TF_CPP_MIN_LOG_LEVEL=2 \
-    MPLBACKEND=Agg \
-    DEEPGUARD_ROOT=/app
-
-RUN groupadd --gid 10001 deepguard && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin deepguard
-WORKDIR /app
-
-# Dependencies: a layer that changes only with the pins. torch (used by the ingest stage, not by the dashboard,
-# but a package requirement) comes from PyTorch's CPU index: PyPI's Linux wheel pulls several GB of CUDA
-# libraries. Everything else is pinned exactly by constraints.txt, the same file `make` installs from.
+# ---- a virtual environment with the pinned serving dependencies (no torch; all wheels, so no compiler anywhere)
+FROM ${BASE_IMAGE} AS venv
+ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CERT=${PIP_CERT} \
+    PIP_NO_CACHE_DIR=1
+WORKDIR /src
 COPY constraints.txt settings.ini setup.py pyproject.toml MANIFEST.in README.md ./
 COPY deepguard/ deepguard/
-RUN pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
- && pip install -c constraints.txt . "voila==0.5.13"
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-compile -c constraints.txt \
+      "tensorflow-cpu==2.21.0" "keras==3.15.1" "mlflow==3.17.2" "mlserver==1.7.1" "mlserver-mlflow==1.7.1" \
+      "openvino==2026.4.1" "mtcnn==1.0.0" pillow numpy pandas pyyaml scikit-learn prometheus-client tqdm \
+ && /opt/venv/bin/pip install --no-compile --no-deps .
 
-# The project files the dashboard reads: the detector and its threshold, the test metrics for the header,
-# the class-mean spectra for the spectrum plot, and the demo images for the example buttons.
+# ---- the dashboard's environment: the serving one plus Voila and the dashboard's plotting libraries
+FROM venv AS dashboard-venv
+RUN /opt/venv/bin/pip install --no-compile -c constraints.txt "voila==0.5.13" ipywidgets ipykernel matplotlib scikit-image
+
+# ---- the dashboard (Voila on 8866), with the pipeline's detector and demo images
+FROM ${BASE_IMAGE} AS dashboard
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    MPLBACKEND=Agg \
+    DEEPGUARD_ROOT=/app \
+    DEEPGUARD_CACHE=/tmp/deepguard-cache
+RUN groupadd --gid 10001 deepguard && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin deepguard
+WORKDIR /app
+COPY --from=dashboard-venv /opt/venv /opt/venv
 COPY dvc.yaml params.yaml ./
 COPY app/ app/
 COPY models/detector.keras models/detector.json models/threshold.json models/
 COPY reports/metrics.json reports/
 COPY data/features/mean_spectra.npz data/features/
 COPY data/raw/ data/raw/
-
 USER 10001:10001
 EXPOSE 8866
 # A static file: proves the server answers without starting a kernel (a GET of the page would start one).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8866/voila/static/voila.js', timeout=4)"]
 CMD ["voila", "app/dashboard.ipynb", "--Voila.config_file_paths=app", "--Voila.ip=0.0.0.0", "--port=8866", "--no-browser"]
+
+# ---- the model server (default target): REST 8080, gRPC 8081, Prometheus 8082
+FROM ${BASE_IMAGE} AS server
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    DEEPGUARD_CACHE=/tmp/deepguard-cache \
+    HOME=/tmp
+RUN groupadd --gid 10001 deepguard && useradd --no-create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin deepguard
+WORKDIR /app
+COPY --from=venv /opt/venv /opt/venv
+COPY build/image/model/ /app/model/
+USER 10001:10001
+EXPOSE 8080 8081 8082
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/v2/health/ready', timeout=4)"]
+ENTRYPOINT ["deepguard"]
+CMD ["serve", "--host", "0.0.0.0", "--model", "/app/model"]

@@ -12,7 +12,7 @@ export MPLBACKEND := Agg
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONHASHSEED := 0
 
-.PHONY: setup pipeline test nbtest pytest clean-check export-check metrics dashboard screenshot serve
+.PHONY: setup pipeline test nbtest pytest clean-check export-check metrics dashboard screenshot serve image
 
 # The dashboard on 127.0.0.1:8866; DASHBOARD_IP=0.0.0.0 in a container. Server settings: app/voila.json.
 DASHBOARD_IP ?= 127.0.0.1
@@ -72,6 +72,14 @@ METRICS_PORT ?= 8082
 serve: setup
 	$(BIN)/deepguard serve --model "$(SERVE_MODEL)" --host $(SERVE_HOST) --port $(SERVE_PORT) \
 		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+# The model-server image, built with podman from a debootstrap base (deploy/image/build.sh; Dockerfile target
+# `server`, or IMAGE_TARGET=dashboard). IMAGE_MODEL: the registered model baked into the image.
+IMAGE ?= localhost/deepguard-server:latest
+IMAGE_TARGET ?= server
+IMAGE_MODEL ?= models:/deepguard-detector@champion
+image: setup
+	IMAGE="$(IMAGE)" TARGET="$(IMAGE_TARGET)" MODEL_URI="$(IMAGE_MODEL)" PYTHON="$(BIN)/python" deploy/image/build.sh
 
 # The README's screenshot: the browser test, run against this project's own pipeline model.
 screenshot: setup

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -109,6 +110,17 @@ class Server:
                 time.sleep(0.05)
         self.cold_start_s = time.perf_counter() - start
 
+    def rss_mib(self) -> float:
+        "Resident memory of the server and its worker processes (MiB): what a container's memory limit must hold."
+        def tree(pid):
+            try:
+                rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except (OSError, IndexError):
+                return 0
+            return rss + sum(tree(int(c)) for c in children)
+        return tree(self.proc.pid) / 2 ** 20
+
     def stop(self):
         os.killpg(self.proc.pid, 15)
         try:
@@ -117,17 +129,28 @@ class Server:
             os.killpg(self.proc.pid, 9)
 
 
-def wrk(port: int, clients: int, seconds: int, bodies: Path, script: Path) -> dict:
+def wrk(port: int, clients: int, seconds: int, bodies: Path, script: Path, server=None) -> dict:
+    peak, stop = [0.0], threading.Event()
+    def sample():
+        while not stop.wait(0.5):
+            peak[0] = max(peak[0], server.rss_mib())
+    sampler = threading.Thread(target=sample, daemon=True)
+    if server is not None:
+        sampler.start()
     cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", str(script),
            f"http://127.0.0.1:{port}/invocations", "--", str(bodies)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120, check=True).stdout
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120, check=True).stdout
+    finally:
+        stop.set()
     raw = json.loads(next(line for line in out.splitlines() if line.startswith("WRK_JSON "))[len("WRK_JSON "):])
     errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
     return {"clients": clients, "seconds": seconds, "requests": raw["requests"],
             "requests_per_s": round(raw["requests"] / (raw["duration_us"] / 1e6), 2),
             "p50_ms": round(raw["p50_us"] / 1000, 1), "p95_ms": round(raw["p95_us"] / 1000, 1),
             "p99_ms": round(raw["p99_us"] / 1000, 1), "max_ms": round(raw["max_us"] / 1000, 1), "errors": errors,
-            "errors_by_kind": {k: raw[k] for k in ("connect", "read", "write", "status", "timeout")}}
+            "errors_by_kind": {k: raw[k] for k in ("connect", "read", "write", "status", "timeout")},
+            **({"peak_rss_mib": round(peak[0])} if server is not None else {})}
 
 
 def in_process(model: str, files: list[Path], batch: int, rounds: int) -> dict:
@@ -181,11 +204,12 @@ def main():
         wrk(server.port, 2, 3, bodies, script)                      # warm-up, not reported
         results = []
         for clients in levels:
-            results.append(wrk(server.port, clients, args.seconds, bodies, script))
+            results.append(wrk(server.port, clients, args.seconds, bodies, script, server))
             print(json.dumps(results[-1]))
         return results
 
     server = Server(args.model, first_body, tmp / "serve.log")
+    idle_rss = server.rss_mib()
     try:
         levels = load_levels(server, [int(c) for c in args.clients.split(",")])
     finally:
@@ -221,6 +245,7 @@ def main():
         "model": args.model, "images": len(files), "image_bytes_median": int(np.median([f.stat().st_size for f in files])),
         "server_defaults": {k: SERVE_DEFAULTS[k] for k in ("workers", "inference_threads", "max_batch_size", "max_batch_time")},
         "in_process": local, "server": levels, "cold_start_s": round(server.cold_start_s, 2),
+        "server_rss_mib": {"after_first_answer": round(idle_rss), "peak": max(r["peak_rss_mib"] for r in levels)},
         "variants_at_max_clients": variants, "goals": goals,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -165,6 +165,12 @@ class DetectorRuntime(MLModel):
         self.detector = await asyncio.get_running_loop().run_in_executor(self.pool, load_detector, params.uri)
         self.metrics = serving_metrics()
         self.labels = (self.detector.name, self.detector.version)
+        # every known label value exists from the start at 0, so rates and ratios are 0, not "no data"
+        for outcome in ("ok", "bad_request", "too_large", "timeout", "error"):
+            self.metrics["requests"].labels(*self.labels, outcome)
+        for label in ("FAKE", "REAL"):
+            for face in ("true", "false"):
+                self.metrics["predictions"].labels(*self.labels, label, face)
         self.metrics["info"].labels(*self.labels, f"{self.detector.threshold:.4f}", str(self.detector.metadata["input_size"]),
                                     self.detector.runtime).set(1)
         from PIL import Image
@@ -262,9 +268,10 @@ def server_settings(model: str, **overrides) -> tuple:
         raise ValueError("max_batch_size must be >= 1 and max_batch_time >= 0 (seconds)")
     if int(s["workers"]) < 0 or int(s["inference_threads"]) < 1 or int(s["max_body_bytes"]) < 1 or float(s["body_timeout"]) <= 0:
         raise ValueError("workers must be >= 0 (0: inference in the server process), threads >= 1, body limits > 0")
+    scratch = tempfile.mkdtemp(prefix="deepguard-serve-")     # workers' metrics and MLServer's env folder: never cwd
     settings = Settings(host=s["host"], http_port=int(s["port"]), grpc_port=int(s["grpc_port"]),
                         metrics_port=int(s["metrics_port"]), parallel_workers=int(s["workers"]), debug=False,
-                        metrics_dir=tempfile.mkdtemp(prefix="deepguard-metrics-"),
+                        metrics_dir=os.path.join(scratch, "metrics"), environments_dir=os.path.join(scratch, "envs"),
                         load_models_at_startup=False, model_repository_root="/nonexistent-deepguard-models")
     model_settings = ModelSettings(
         name="deepguard", implementation=DetectorRuntime,

@@ -92,3 +92,31 @@ def tiny_project(tmp_path_factory):
     proc = run(["dvc", "repro"], dest)
     dest.joinpath("repro.log").write_text(proc.stdout + proc.stderr)
     return dest
+
+
+MAX_BODY = 1_000_000      # the model server's body limit in tests (413 above it)
+BODY_TIMEOUT = 3          # seconds before a stalled body gets 408
+
+
+@pytest.fixture(scope="session")
+def model_server(tiny_project):
+    "`deepguard serve` on the tiny pipeline's registered champion, on free loopback ports; stopped at the end."
+    import urllib.error
+    import urllib.request
+    port, metrics_port, grpc_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("DEEPGUARD_ROOT", None)
+    base = f"http://127.0.0.1:{port}"
+    def ready():
+        try:
+            with urllib.request.urlopen(base + "/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+    cmd = ["deepguard", "serve", "--model", "models:/deepguard-detector-test@champion", "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port),
+           "--max-body-bytes", str(MAX_BODY), "--body-timeout", str(BODY_TIMEOUT)]
+    with background_server(cmd, tiny_project, env, tiny_project / "serve.log", ready, 180) as proc:
+        yield dict(base=base, metrics=f"http://127.0.0.1:{metrics_port}/metrics", port=port,
+                   metrics_port=metrics_port, proc=proc)

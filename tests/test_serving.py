@@ -6,7 +6,6 @@ reason, a stalled client does not block others, and 1,000 bad requests in a row 
 import base64
 import http.client
 import json
-import os
 import re
 import socket
 import urllib.error
@@ -14,14 +13,10 @@ import urllib.request
 
 import pytest
 
-from conftest import BIN, background_server, free_port
+from conftest import BODY_TIMEOUT, MAX_BODY
 from deepguard.predict import classify
 from test_predict import ALL_BAD_FILES
 from test_data import ODD_BUT_VALID
-
-STARTUP_SECONDS = 180
-MAX_BODY = 1_000_000
-BODY_TIMEOUT = 3
 
 
 def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict]:
@@ -55,23 +50,8 @@ def total(series: dict, name: str, **labels) -> float:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_project):
-    port, metrics_port, grpc_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("DEEPGUARD_ROOT", None)
-    base = f"http://127.0.0.1:{port}"
-    def ready():
-        try:
-            with urllib.request.urlopen(base + "/v2/health/ready", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-    cmd = ["deepguard", "serve", "--model", "models:/deepguard-detector-test@champion", "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port),
-           "--max-body-bytes", str(MAX_BODY), "--body-timeout", str(BODY_TIMEOUT)]
-    with background_server(cmd, tiny_project, env, tiny_project / "serve.log", ready, STARTUP_SECONDS) as proc:
-        yield dict(base=base, metrics=f"http://127.0.0.1:{metrics_port}/metrics", port=port, proc=proc)
+def server(model_server):
+    return model_server
 
 
 @pytest.fixture(scope="module")
