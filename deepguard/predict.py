@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .core import DeepGuardError, ImageSource, InvalidImageError, load_image, project_root, resolve
+from .core import DeepGuardError, ImageSource, InvalidImageError, file_sha256, load_image, project_root, resolve
 from .faces import FaceCrop, prepare_faces
 
 # %% auto #0
@@ -122,7 +122,7 @@ def openvino_predict(predict_fn, key: str) -> OpenVINOPredict:
 
 def _runtime_key(model_path, input_size: int, calibration: dict) -> str:
     import openvino
-    digest = hashlib.sha256(Path(model_path).read_bytes())
+    digest = hashlib.sha256(file_sha256(model_path).encode())
     digest.update(json.dumps([input_size, calibration, openvino.__version__], sort_keys=True).encode())
     return digest.hexdigest()[:24]
 

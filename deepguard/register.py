@@ -18,26 +18,36 @@ from .core import get_logger, load_image, project_root, resolve, write_json
 from .evaluate import pairwise_auc
 
 # %% auto #0
-__all__ = ['encode_image_b64', 'decode_row', 'DetectorPyfunc', 'paired_auc_difference', 'gate', 'compare_with_champion',
-           'register_model']
+__all__ = ['encode_image_b64', 'decode_image_b64', 'decode_row', 'DetectorPyfunc', 'paired_auc_difference', 'gate',
+           'compare_with_champion', 'register_model']
 
 # %% ../nbs/07_register.ipynb #67ba4fba
 def encode_image_b64(data: bytes) -> str:
     "Base64 text of an image file's bytes, the served model's input encoding."
     return base64.b64encode(bytes(data)).decode("ascii")
 
+def decode_image_b64(index: int, text) -> tuple[bytes, "Image.Image"]:
+    "One base64 row to (file bytes, upright RGB image), or `InvalidImageError` naming the row (reason `not_base64` or the decoder's)."
+    from deepguard.core import InvalidImageError
+    if not isinstance(text, (str, bytes)):
+        raise InvalidImageError(f"row {index}: the image column must hold base64 text, got {type(text).__name__}", "not_base64")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as err:
+        raise InvalidImageError(f"row {index}: the image column must hold base64 text ({err}).", "not_base64")
+    try:
+        return data, load_image(data)
+    except InvalidImageError as err:
+        raise InvalidImageError(f"row {index}: {err} (reason: {err.reason})", err.reason)
+
 def decode_row(index: int, text) -> "Image.Image":
     "One served row: base64 text to an RGB image, or an MlflowException (HTTP 400) that says which row and why."
     from mlflow.exceptions import MlflowException
     from deepguard.core import InvalidImageError
     try:
-        data = base64.b64decode(text, validate=True)
-    except (ValueError, TypeError) as err:
-        raise MlflowException.invalid_parameter_value(f"row {index}: the image column must hold base64 text ({err}).")
-    try:
-        return load_image(data)
+        return decode_image_b64(index, text)[1]
     except InvalidImageError as err:
-        raise MlflowException.invalid_parameter_value(f"row {index}: {err} (reason: {err.reason})")
+        raise MlflowException.invalid_parameter_value(str(err))
 
 class DetectorPyfunc(mlflow.pyfunc.PythonModel):
     "MLflow pyfunc wrapper around the one `LoadedDetector`: base64 image column in, fake probability and label out."

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .core import DeepGuardError, InvalidImageError, get_logger, load_image
+from .register import decode_image_b64   # the pyfunc's row decoder: the same messages and reasons
 
 # %% auto #0
 __all__ = ['BODY_LIMITS', 'LATENCY_BUCKETS', 'BATCH_BUCKETS', 'PROBABILITY_BUCKETS', 'DEFAULT_SERVING', 'SERVE_DEFAULTS',
@@ -57,23 +58,13 @@ def image_column(body: bytes, content_type: str = "application/json") -> list:
 
 def decode_images(texts: list) -> tuple[list[bytes], list]:
     "(image file bytes, decoded images) of base64 rows; `RequestError` (400) naming the first bad row and why."
-    import binascii, base64
     if not texts:
         raise RequestError(400, "empty_request", "the request has no rows: send at least one image")
-    files, images = [], []
-    for row, text in enumerate(texts):
-        if not isinstance(text, (str, bytes)):
-            raise RequestError(400, "not_base64", f"row {row}: the image column must hold base64 text, got {type(text).__name__}")
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise RequestError(400, "not_base64", f"row {row}: the image column must hold base64 text ({err}).")
-        try:
-            images.append(load_image(data))
-        except InvalidImageError as err:
-            raise RequestError(400, err.reason, f"row {row}: {err} (reason: {err.reason})")
-        files.append(data)
-    return files, images
+    try:
+        decoded = [decode_image_b64(row, text) for row, text in enumerate(texts)]
+    except InvalidImageError as err:
+        raise RequestError(400, err.reason, str(err))
+    return [data for data, _ in decoded], [image for _, image in decoded]
 
 # %% ../nbs/11_serving.ipynb #a1f0c011
 async def read_body(request, max_bytes: int, timeout: float) -> bytes:

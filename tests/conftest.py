@@ -35,6 +35,31 @@ def run(cmd, cwd, check=True, env=None):
     return proc
 
 
+def answers_ok(url: str) -> bool:
+    "True when a GET of `url` answers 200 within 2 s (a server's readiness probe)."
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict]:
+    "POST `body` (bytes as they are, anything else as JSON); (status, decoded JSON answer), errors included."
+    import json
+    import urllib.error
+    import urllib.request
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,19 +126,12 @@ BODY_TIMEOUT = 3          # seconds before a stalled body gets 408
 @pytest.fixture(scope="session")
 def model_server(tiny_project):
     "`deepguard serve` on the tiny pipeline's registered champion, on free loopback ports; stopped at the end."
-    import urllib.error
-    import urllib.request
     port, metrics_port, grpc_port = free_port(), free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}", "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("DEEPGUARD_ROOT", None)
     base = f"http://127.0.0.1:{port}"
-    def ready():
-        try:
-            with urllib.request.urlopen(base + "/v2/health/ready", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+    ready = lambda: answers_ok(base + "/v2/health/ready")
     cmd = ["deepguard", "serve", "--model", "models:/deepguard-detector-test@champion", "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port),
            "--max-body-bytes", str(MAX_BODY), "--body-timeout", str(BODY_TIMEOUT)]

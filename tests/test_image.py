@@ -11,13 +11,12 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.error
 import urllib.request
 
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, free_port, run
+from conftest import BIN, ROOT, answers_ok, free_port, post, run
 from deepguard.predict import classify
 
 if not (shutil.which("podman") and shutil.which("debootstrap")):
@@ -40,24 +39,11 @@ def podman(*args, check=True, timeout=600, env=None):
     return result
 
 
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 def wait_ready(base: str, seconds: float, alive) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(base + "/v2/health/ready", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+        if answers_ok(base + "/v2/health/ready"):
+            return
         assert alive(), "the container stopped before it was ready"
         time.sleep(2)
     raise AssertionError(f"{base} not ready after {seconds} s")
@@ -78,14 +64,9 @@ def image(tiny_project):
     podman("image", "prune", "-f", check=False)      # the build's intermediate (venv) stage, 2.6 GB
 
 
-def images_and_answers(tiny_project, n=3):
-    files = sorted((tiny_project / "data" / "raw" / "images").rglob("*.jpg"))[:n]
-    local = classify(files, model=tiny_project / "models" / "detector.keras")
-    return files, local
-
-
 def check_server(base: str, tiny_project):
-    files, local = images_and_answers(tiny_project)
+    files = sorted((tiny_project / "data" / "raw" / "images").rglob("*.jpg"))[:3]
+    local = classify(files, model=tiny_project / "models" / "detector.keras")
     status, body = post(base + "/invocations", {"inputs": {"image": [base64.b64encode(f.read_bytes()).decode() for f in files]}})
     assert status == 200, body
     assert [r["label"] for r in body["predictions"]] == [r.label for r in local]

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import ROOT, background_server, free_port
+from conftest import ROOT, answers_ok, background_server, free_port
 
 MONITORING = ROOT / "deploy" / "monitoring"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
@@ -88,12 +88,7 @@ def prometheus(model_server, tmp_path_factory):
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    def ready():
-        try:
-            with urllib.request.urlopen(base + "/-/ready", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+    ready = lambda: answers_ok(base + "/-/ready")
     cmd = [PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
            f"--web.listen-address=127.0.0.1:{port}"]
     with background_server(cmd, folder, dict(os.environ), folder / "prometheus.log", ready, 60):

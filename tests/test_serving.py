@@ -8,25 +8,14 @@ import http.client
 import json
 import re
 import socket
-import urllib.error
 import urllib.request
 
 import pytest
 
-from conftest import BODY_TIMEOUT, MAX_BODY
+from conftest import MAX_BODY, post
 from deepguard.predict import classify
 from test_predict import ALL_BAD_FILES
 from test_data import ODD_BUT_VALID
-
-
-def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 def b64(data: bytes) -> str:
@@ -149,7 +138,7 @@ def test_a_stalled_client_does_not_block_others_and_gets_408(server, test_files)
         status, body = post(server["base"] + "/invocations", {"inputs": {"image": [b64(test_files[0].read_bytes())]}})
         assert status == 200, body                          # answered while the other client holds its request open
         reply = b""
-        while b"}" not in reply:                              # the 408's JSON body, after BODY_TIMEOUT seconds
+        while b"}" not in reply:                              # the 408's JSON body, after --body-timeout seconds
             chunk = stalled.recv(4096)
             if not chunk:
                 break

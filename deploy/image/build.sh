@@ -28,18 +28,7 @@ if ! podman image exists "$BASE"; then
     tar -C "$rootfs" -c . | podman import - "$BASE" >/dev/null
 fi
 
-rm -rf build/image/model && mkdir -p build/image
-"$PYTHON" - "$MODEL_URI" build/image/model <<'PY'
-import sys, shutil, tempfile
-import mlflow
-from deepguard.core import mlflow_setup
-mlflow_setup()
-uri, dest = sys.argv[1], sys.argv[2]
-with tempfile.TemporaryDirectory() as tmp:
-    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
-    shutil.copytree(local, dest)
-print(f"build.sh: {uri} -> {dest}")
-PY
+"$PYTHON" deploy/image/export_model.py "$MODEL_URI" build/image/model
 
 start=$(date +%s)
 podman build --format docker --isolation chroot --pull=never --network host --target "$TARGET" \
