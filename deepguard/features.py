@@ -12,9 +12,10 @@ import pandas as pd
 from PIL import Image
 
 from .core import check_param, get_logger, load_image, resolve, seed_everything, write_json
+from .preprocess import SHORTCUT_FEATURES, shortcut_features
 
 # %% auto #0
-__all__ = ['log_spectrum', 'radial_bins', 'azimuthal_average', 'to_gray_batch', 'load_split', 'spectral_features',
+__all__ = ['log_spectrum', 'radial_bins', 'azimuthal_average', 'to_gray_batch', 'spectral_features', 'chunks', 'split_features',
            'spectral_baseline', 'plot_mean_spectra']
 
 # %% ../nbs/03_features.ipynb #44aba46c
@@ -48,17 +49,37 @@ def to_gray_batch(images) -> np.ndarray:
     return np.stack(arrays).astype(np.float32)
 
 # %% ../nbs/03_features.ipynb #a75d644d
-def load_split(processed_dir, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    "(gray batch, labels with 1 = fake, manifest rows) of one split of the processed dataset."
-    processed_dir = Path(processed_dir)
-    manifest = pd.read_csv(processed_dir / "manifest.csv", keep_default_na=False)
-    rows = manifest[manifest.split == split].reset_index(drop=True)
-    gray = to_gray_batch([load_image(processed_dir / p) for p in rows.path]) if len(rows) else np.zeros((0, 1, 1), np.float32)
-    return gray, rows.y.to_numpy(dtype=np.int64), rows
-
 def spectral_features(gray: np.ndarray) -> np.ndarray:
     "The azimuthal log spectrum of each image, without the DC ring (it only measures mean brightness)."
     return azimuthal_average(log_spectrum(gray))[:, 1:]
+
+def chunks(n: int, chunk_size: int):
+    "Slices covering range(n) in order, `chunk_size` at a time."
+    check_param("chunk_size", chunk_size, low=1)
+    return (slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size))
+
+def split_features(processed_dir, rows: pd.DataFrame, chunk_size: int = 512) -> dict:
+    """Features of the processed crops `rows` (manifest rows), read `chunk_size` at a time: `X` spectral, `S`
+    shortcut (`SHORTCUT_FEATURES`), `y`, and per class (0 real, 1 fake) the sum and count of 2-D log spectra."""
+    processed_dir = Path(processed_dir)
+    X, S, sums, counts = [], [], {}, {0: 0, 1: 0}
+    y = rows.y.to_numpy(dtype=np.int64)
+    for part in chunks(len(rows), chunk_size):
+        chunk = rows.iloc[part]
+        data = [(processed_dir / p).read_bytes() for p in chunk.path]
+        spectra = log_spectrum(to_gray_batch([load_image(d) for d in data]))
+        X.append(azimuthal_average(spectra)[:, 1:])
+        S += [[f[k] for k in SHORTCUT_FEATURES] for f in (shortcut_features(d, size, framing)
+              for d, size, framing in zip(data, chunk.face_size, chunk.framing))]
+        for k in (0, 1):
+            chosen = y[part] == k
+            if chosen.any():
+                sums[k] = sums.get(k, 0) + spectra[chosen].sum(axis=0, dtype=np.float64)
+                counts[k] += int(chosen.sum())
+    n_bins = X[0].shape[1] if X else 0
+    return dict(X=np.concatenate(X) if X else np.zeros((0, n_bins), np.float32),
+                S=np.asarray(S, dtype=np.float64).reshape(len(rows), len(SHORTCUT_FEATURES)), y=y,
+                spectrum_sum=sums, spectrum_count=counts)
 
 # %% ../nbs/03_features.ipynb #164c88ac
 def spectral_baseline(seed: int = 42):

@@ -16,10 +16,11 @@ import pandas as pd
 
 from .core import get_logger, load_image, project_root, resolve, write_json
 from .evaluate import pairwise_auc
+from .features import chunks
 
 # %% auto #0
 __all__ = ['encode_image_b64', 'decode_image_b64', 'decode_row', 'DetectorPyfunc', 'paired_auc_difference', 'gate',
-           'compare_with_champion', 'register_model']
+           'crop_probabilities', 'compare_with_champion', 'register_model']
 
 # %% ../nbs/07_register.ipynb #67ba4fba
 def encode_image_b64(data: bytes) -> str:
@@ -99,8 +100,15 @@ def gate(metrics: dict, min_auc: float, comparison: dict | None = None) -> tuple
     return True, f"{floor}; not worse than the champion: {versus}"
 
 # %% ../nbs/07_register.ipynb #9d30af12
-def compare_with_champion(model_name: str, challenger, images: np.ndarray, y) -> dict | None:
-    "None without a champion; else the paired AUC comparison, or {'note': why not} when it cannot score these crops."
+def crop_probabilities(detector, crops, chunk_size: int = 512) -> np.ndarray:
+    "P(fake) of processed crops: (S, S, 3) arrays, or paths of stored crops read `chunk_size` at a time."
+    out = [detector.probabilities(np.stack([c if isinstance(c, np.ndarray) else np.asarray(load_image(c), np.float32)
+                                            for c in crops[part]])) for part in chunks(len(crops), chunk_size)]
+    return np.concatenate(out) if out else np.zeros(0)
+
+def compare_with_champion(model_name: str, challenger, crops, y, chunk_size: int = 512) -> dict | None:
+    """None without a champion; else the paired AUC comparison on `crops` (arrays or stored crops' paths, scored
+    `chunk_size` at a time), or {'note': why not} when the champion cannot score them."""
     import mlflow
     from mlflow import MlflowClient
     try:
@@ -113,7 +121,8 @@ def compare_with_champion(model_name: str, challenger, images: np.ndarray, y) ->
         return {"note": f"champion v{version} could not be loaded for comparison ({type(err).__name__}: {err})"[:300]}
     if champion.metadata.get("processing") != challenger.metadata.get("processing"):
         return {"note": f"champion v{version} not comparable: another face chain or input size"}
-    result = paired_auc_difference(y, challenger.probabilities(images), champion.probabilities(images))
+    result = paired_auc_difference(y, crop_probabilities(challenger, crops, chunk_size),
+                                   crop_probabilities(champion, crops, chunk_size))
     return {**result, "champion_version": str(version)}
 
 def register_model(model_path, threshold_path, metrics: dict, model_name: str, min_auc: float,

@@ -5,6 +5,7 @@
 # %% ../nbs/05_train.ipynb #46eb9049
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -17,8 +18,57 @@ import tensorflow as tf
 from .core import ParamsError, check_param, file_sha256, get_logger, resolve, write_json
 
 # %% auto #0
-__all__ = ['gaussian_blur', 'augment', 'make_dataset', 'class_weights', 'MlflowEpochLogger', 'compile_model', 'fit',
-           'unfreeze_top', 'train_two_phase', 'save_model_atomically', 'plot_history']
+__all__ = ['multi_worker', 'is_chief', 'distribution_strategy', 'allow_multi_worker_fit', 'gaussian_blur', 'augment',
+           'make_dataset', 'class_weights', 'MlflowEpochLogger', 'compile_model', 'fit', 'unfreeze_top',
+           'train_two_phase', 'save_model_atomically', 'plot_history']
+
+# %% ../nbs/05_train.ipynb #7d1e0a02
+def _tf_config() -> dict:
+    import json
+    try:
+        return json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except ValueError as err:
+        raise ParamsError(f"TF_CONFIG is not valid JSON ({err}); see the README's multi-worker section.") from None
+
+def multi_worker() -> bool:
+    "True when TF_CONFIG describes a cluster of more than one chief/worker process."
+    cluster = _tf_config().get("cluster", {})
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", [])) > 1
+
+def is_chief() -> bool:
+    "True for the process that writes outputs: the chief, else worker 0, and any process outside a cluster."
+    config = _tf_config()
+    task, cluster = config.get("task", {}), config.get("cluster", {})
+    if not multi_worker():
+        return True
+    if cluster.get("chief"):
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+@functools.cache
+def distribution_strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy in a TF_CONFIG cluster; MirroredStrategy on several local GPUs; else the default.
+    Made once per process, before TensorFlow runs anything: collective ops can only be configured at start-up."""
+    if multi_worker():
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+def allow_multi_worker_fit(model: keras.Model, strategy: tf.distribute.Strategy) -> keras.Model:
+    """Let Keras 3 `fit` run `model` under MultiWorkerMirroredStrategy (keras-team/keras#20585): skip the eager
+    symbolic build and give the step's logs rank 1. Call `fit` inside `strategy.scope()`. No-op for other strategies."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return model
+    if not model.built:
+        raise ValueError("Build the model (in strategy.scope()) before allow_multi_worker_fit.")
+    model._distribute_strategy = None      # fit then takes the strategy from the enclosing strategy.scope()
+    def rank_one(step):
+        def wrapped(data):
+            return {k: tf.reshape(v, [1]) for k, v in step(data).items()}
+        return wrapped
+    model.train_step, model.test_step = rank_one(model.train_step), rank_one(model.test_step)
+    return model
 
 # %% ../nbs/05_train.ipynb #3d8041e9
 def gaussian_blur(image: tf.Tensor, sigma, radius: int = 9) -> tf.Tensor:
@@ -51,8 +101,9 @@ def augment(image: tf.Tensor, seed: tf.Tensor, p: float, input_size: int, graysc
 
 def make_dataset(manifest: pd.DataFrame, processed_dir, split: str, input_size: int = 64, batch_size: int = 32,
                  training: bool = False, seed: int = 42, augment_p: float = 0.0,
-                 grayscale_p: float = 0.0) -> tf.data.Dataset:
-    "Batches of (raw RGB float32 images, float32 labels with 1 = fake) for one split."
+                 grayscale_p: float = 0.0, min_batch: int = 1) -> tf.data.Dataset:
+    """Batches of (raw RGB float32 images, float32 labels with 1 = fake) for one split, read from the files batch by
+    batch. A last batch smaller than `min_batch` is dropped (a multi-worker step needs an image on every replica)."""
     check_param("augment_p", augment_p, low=0.0, high=1.0); check_param("grayscale_p", grayscale_p, low=0.0, high=1.0)
     rows = manifest[manifest.split == split]
     if rows.empty:
@@ -64,9 +115,15 @@ def make_dataset(manifest: pd.DataFrame, processed_dir, split: str, input_size: 
         image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3, dct_method="INTEGER_ACCURATE")
         image = tf.image.resize(image, (input_size, input_size), method="bilinear")   # identity at the stored size
         return tf.cast(image, tf.float32), label
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    # files are read as the batches need them, never the whole split: only the list of paths is shuffled
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
     if training:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    remainder = len(paths) % batch_size
+    if 0 < remainder < min_batch and len(paths) > remainder:
+        ds = ds.take(len(paths) - remainder)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    if training:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(lambda xy, s: (augment(xy[0], s, augment_p, input_size, grayscale_p), xy[1]),
                                                   num_parallel_calls=tf.data.AUTOTUNE)

@@ -26,9 +26,10 @@ TINY_PARAMS = {
 def run(cmd, cwd, check=True, env=None):
     "Run a command with the venv first on PATH; return the completed process (output captured)."
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MPLBACKEND": "Agg",
-                "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+                "TF_CPP_MIN_LOG_LEVEL": "2"}
     full_env.pop("DEEPGUARD_ROOT", None)
     full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env.update(env or {})
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, shell=isinstance(cmd, str))
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
