@@ -79,10 +79,10 @@ def project_copy(dest: Path) -> Path:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
     (dest / "reports" / "nbs").mkdir(parents=True, exist_ok=True)
-    if (ROOT / "models" / "backbones").is_dir():      # made once by the train stage (torch); not what is measured
-        shutil.copytree(ROOT / "models" / "backbones", dest / "models" / "backbones")
     subprocess.run("git init -q && git add -A && git -c user.email=b@b -c user.name=b commit -qm copy", shell=True,
                    cwd=dest, check=True)
+    if (ROOT / "models" / "backbones").is_dir():      # made once by the train stage (torch); not what is measured
+        shutil.copytree(ROOT / "models" / "backbones", dest / "models" / "backbones")
     return dest
 
 

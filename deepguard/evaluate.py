@@ -251,11 +251,16 @@ def linear_probe(seed: int = 0):
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000, random_state=seed))
 
 def leave_one_family_out(features: dict, rows: dict, cnn_test: np.ndarray) -> pd.DataFrame:
-    "Per fake family of the training split: probe AUC without it, probe AUC with all, CNN AUC, on test reals vs its test fakes."
+    """Per fake family of the training split: probe AUC without it, probe AUC with all, CNN AUC, on test reals vs its
+    test fakes. Needs two fake families or more (140k and CIFAKE have one): else an empty table."""
     train, test = rows["train"], rows["test"]
-    everything = linear_probe().fit(features["train"], train.y)
+    families = sorted(train[train.y == 1].generator.unique())
     out = []
-    for family in sorted(train[train.y == 1].generator.unique()):
+    if len(families) < 2:
+        return pd.DataFrame(out, columns=["family", "n_real", "n_fake", "probe_without_family_auc",
+                                          "probe_all_families_auc", "cnn_auc"])
+    everything = linear_probe().fit(features["train"], train.y)
+    for family in families:
         keep = ~((train.y == 1) & (train.generator == family)).to_numpy()
         without = linear_probe().fit(features["train"][keep], train.y[keep])
         chosen = ((test.y == 0) | (test.generator == family)).to_numpy()

@@ -1,5 +1,6 @@
 """Batch scoring on Apache Spark (`deepguard spark-score`, a local[2] session on loopback): the registered model
 through `mlflow.pyfunc.spark_udf`, answers equal to `classify`'s, bad files reported per row."""
+import os
 import shutil
 
 import pandas as pd
@@ -14,7 +15,8 @@ MODEL = "models:/deepguard-detector-test@champion"
 def scored(tiny_project, tmp_path_factory):
     "A folder of raw images (real and fake, one corrupt, one not an image by name) scored on Spark local[2]."
     if shutil.which("java") is None:
-        pytest.skip("Spark needs Java 17 (apt-get install openjdk-17-jre-headless)")
+        message = "Spark needs Java 17 (apt-get install openjdk-17-jre-headless)"
+        pytest.fail(message) if os.environ.get("DEEPGUARD_REQUIRE_JAVA") else pytest.skip(message)
     folder = tmp_path_factory.mktemp("bucket")
     manifest = pd.read_csv(tiny_project / "data" / "raw" / "manifest.csv", keep_default_na=False)
     chosen = pd.concat([manifest[manifest.label == label].head(4) for label in ("real", "fake")])
