@@ -29,6 +29,7 @@ def run(cmd, cwd, check=True, env=None):
                 "TF_CPP_MIN_LOG_LEVEL": "2"}
     full_env.pop("DEEPGUARD_ROOT", None)
     full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env.pop("MLFLOW_REGISTRY_URI", None)    # mlflow.set_registry_uri() in this process exports it
     full_env.update(env or {})
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, shell=isinstance(cmd, str))
     if check and proc.returncode != 0:

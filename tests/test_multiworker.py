@@ -30,6 +30,7 @@ def train(project, processed, out, tf_config=None, log=None):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2",
            "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}", "PYTHONHASHSEED": "0"}
     env.pop("TF_CONFIG", None)
+    env.pop("MLFLOW_REGISTRY_URI", None)
     if tf_config:
         env["TF_CONFIG"] = json.dumps(tf_config)
     out.mkdir(parents=True, exist_ok=True)

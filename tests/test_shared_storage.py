@@ -105,7 +105,7 @@ def test_two_clients_log_to_one_mlflow_server_at_once(mlflow_server, s3, tmp_pat
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
     run_ids = [out.split()[-1] for out, _ in outputs]
     from mlflow import MlflowClient
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     for run_id, who in zip(run_ids, ("alice", "bob")):
         logged = client.get_run(run_id)
         assert logged.info.status == "FINISHED" and logged.data.params["who"] == who
@@ -127,7 +127,7 @@ def test_register_stage_on_the_team_server(pulled_clone, mlflow_server):
     import pandas as pd
     from mlflow import MlflowClient
     from deepguard.register import _example_png, encode_image_b64
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     version = client.get_model_version_by_alias(record["model_name"], "champion")
     assert str(version.version) == record["version"]
     previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
