@@ -173,6 +173,11 @@ def spark_command(args, out=None, err=None) -> int:
     except (DeepGuardError, MlflowException) as error:    # no PySpark, no such model or registry
         print(f"deepguard spark-score: {error}", file=err)
         return 2
+    except Exception as error:                             # the Spark job failed: its first line, not a JVM trace
+        if type(error).__module__.split(".")[0] not in ("pyspark", "py4j"):
+            raise
+        print(f"deepguard spark-score: the Spark job failed: {str(error).strip().splitlines()[0][:500]}", file=err)
+        return 1
     print(f"{n} answers written to {args.output}", file=out)
     return 0
 

@@ -5,6 +5,7 @@
 # %% ../nbs/12_spark.ipynb #b2a0c004
 from __future__ import annotations
 
+import os
 import sys
 
 from .core import DeepGuardError
@@ -32,8 +33,8 @@ def spark_session(master: str | None = "local[2]", app_name: str = "deepguard-sc
     if master:
         builder = builder.master(master)
     if master and master.startswith("local"):
-        builder = (builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
-                   .config("spark.pyspark.python", sys.executable).config("spark.pyspark.driver.python", sys.executable))
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)    # the workers: this interpreter, not `python3` on PATH
+        builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     return builder.getOrCreate()
 
 # %% ../nbs/12_spark.ipynb #b2a0c009
