@@ -10,12 +10,14 @@
 # from the registry instead, run the image with `serve --model models:/...@champion` and MLFLOW_TRACKING_URI.
 ARG BASE_IMAGE=python:3.11.7-slim-bookworm
 
-# ---- a virtual environment with the pinned serving dependencies (no torch; all wheels, so no compiler anywhere)
+# ---- a virtual environment with the pinned serving dependencies (no torch; all wheels, so no compiler anywhere).
+# The runtime stages below build on this one rather than `COPY --from` it: a copy of the 2.5 GB venv would be a
+# second 2.5 GB layer, and committing it takes as much again in temporary space (the build ran out of disk so).
+# pip's settings are build arguments, not ENV, so that none of them stays in the images.
 FROM ${BASE_IMAGE} AS venv
 ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_CERT=${PIP_CERT} \
-    PIP_NO_CACHE_DIR=1
+ARG PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY constraints.txt settings.ini setup.py pyproject.toml MANIFEST.in README.md ./
 COPY deepguard/ deepguard/
@@ -27,10 +29,13 @@ RUN python3 -m venv /opt/venv \
 
 # ---- the dashboard's environment: the serving one plus Voila and the dashboard's plotting libraries
 FROM venv AS dashboard-venv
+ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+ARG PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG PIP_NO_CACHE_DIR=1
 RUN /opt/venv/bin/pip install --no-compile -c constraints.txt "voila==0.5.13" ipywidgets ipykernel matplotlib scikit-image
 
 # ---- the dashboard (Voila on 8866), with the pipeline's detector and demo images
-FROM ${BASE_IMAGE} AS dashboard
+FROM dashboard-venv AS dashboard
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -40,7 +45,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     DEEPGUARD_CACHE=/tmp/deepguard-cache
 RUN groupadd --gid 10001 deepguard && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin deepguard
 WORKDIR /app
-COPY --from=dashboard-venv /opt/venv /opt/venv
 COPY dvc.yaml params.yaml ./
 COPY app/ app/
 COPY models/detector.keras models/detector.json models/threshold.json models/
@@ -55,7 +59,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
 CMD ["voila", "app/dashboard.ipynb", "--Voila.config_file_paths=app", "--Voila.ip=0.0.0.0", "--port=8866", "--no-browser"]
 
 # ---- the model server (default target): REST 8080, gRPC 8081, Prometheus 8082
-FROM ${BASE_IMAGE} AS server
+FROM venv AS server
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -64,7 +68,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp
 RUN groupadd --gid 10001 deepguard && useradd --no-create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin deepguard
 WORKDIR /app
-COPY --from=venv /opt/venv /opt/venv
 COPY build/image/model/ /app/model/
 USER 10001:10001
 EXPOSE 8080 8081 8082
