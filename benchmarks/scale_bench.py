@@ -70,17 +70,10 @@ def synthetic_140k(dest: Path, n: int, seed: int = 0) -> Path:
 
 
 def project_copy(dest: Path) -> Path:
-    "The working tree's tracked files (without pipeline outputs), a fresh git repo, and the converted backbone."
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        generated = rel.startswith(("data/", "models/")) and not rel.startswith("data/regression/")
-        if (ROOT / rel).is_file() and not generated and rel != "dvc.lock":
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    (dest / "reports" / "nbs").mkdir(parents=True, exist_ok=True)
-    subprocess.run("git init -q && git add -A && git -c user.email=b@b -c user.name=b commit -qm copy", shell=True,
-                   cwd=dest, check=True)
+    "The tests' copy of the working tree (tracked files, no pipeline outputs, a fresh git repo), and the converted backbone."
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import copy_project
+    copy_project(dest)
     if (ROOT / "models" / "backbones").is_dir():      # made once by the train stage (torch); not what is measured
         shutil.copytree(ROOT / "models" / "backbones", dest / "models" / "backbones")
     return dest

@@ -128,17 +128,19 @@ PERTURBATIONS = {"clean": lambda image: image,
                  "downscale_x0.5": _downscale(0.5), "downscale_x0.25": _downscale(0.25),
                  "blur_sigma1": _blur(1), "blur_sigma2": _blur(2)}
 
-def perturbed_scores(images, scorers: dict, load=None, chunk_size: int = 128) -> dict:
+def perturbed_scores(images, scorers: dict, load=None, chunk_size: int = 128, prepare=None) -> dict:
     """{condition: {scorer name: fake probabilities}}: every perturbation of the images, each perturbed and scored once.
-    `images` are decoded images, or anything `load` decodes (paths): then only `chunk_size` images are in memory."""
+    `images` are decoded images, or anything `load` decodes (paths): then only `chunk_size` images are in memory.
+    `prepare` (the face chain) runs once per chunk and condition; every scorer gets what it returns."""
     load = load or (lambda image: image)
+    prepare = prepare or (lambda images: images)
     parts = {condition: {name: [] for name in scorers} for condition in PERTURBATIONS}
     for part in chunks(len(images), chunk_size):
         decoded = [load(item) for item in images[part]]
         for condition, perturb in PERTURBATIONS.items():
-            perturbed = [perturb(image) for image in decoded]
+            prepared = prepare([perturb(image) for image in decoded])
             for name, score in scorers.items():
-                parts[condition][name].append(np.asarray(score(perturbed), dtype=np.float64))
+                parts[condition][name].append(np.asarray(score(prepared), dtype=np.float64))
     return {condition: {name: np.concatenate(p) if p else np.zeros(0) for name, p in by.items()}
             for condition, by in parts.items()}
 

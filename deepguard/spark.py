@@ -68,8 +68,10 @@ def image_error(images):
 def score_frame(spark, frame, model_uri: str, env_manager: str = "local"):
     "`frame` (path, image) with probability_fake, label, face_found from the registered model, and error."
     import mlflow
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
-    checked = frame.withColumn("error", F.pandas_udf(image_error, "string")("image"))
+    # computed once for both branches; freed by `spark.catalog.clearCache()` or the session's end
+    checked = frame.withColumn("error", F.pandas_udf(image_error, "string")("image")).persist(StorageLevel.MEMORY_AND_DISK)
     predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type=PREDICTION_SCHEMA, env_manager=env_manager)
     good = (checked.where(F.col("error").isNull()).withColumn("answer", predict("image"))
             .select("path", "answer.*", "error"))

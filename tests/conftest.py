@@ -106,14 +106,20 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+def set_params(project: Path, **sections) -> Path:
+    "`project`'s params.yaml with TINY_PARAMS, then `sections` ({section: {key: value}}), laid over it."
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for overlay in (TINY_PARAMS, sections):
+        for section, values in overlay.items():
+            params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
+
+
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory):
     "A copy of the project with tiny params, after one full `dvc repro`."
-    dest = copy_project(tmp_path_factory.mktemp("project"))
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for section, values in TINY_PARAMS.items():
-        params[section].update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dest = set_params(copy_project(tmp_path_factory.mktemp("project")))
     remote = tmp_path_factory.mktemp("dvc-remote")
     run(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], dest)
     proc = run(["dvc", "repro"], dest)

@@ -4,10 +4,9 @@ import json
 
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 
-from conftest import TINY_PARAMS, copy_project, run
+from conftest import copy_project, run, set_params
 
 SPLITS = {"train": 12, "valid": 5, "test": 5}     # images per class and split
 
@@ -28,13 +27,9 @@ def real_project(tiny_project, tmp_path_factory):
                 image = image.resize((256, 256)).rotate(3 * (k // len(sources)))     # repeats differ: no duplicates
                 image.save(folder / f"{k:05d}.jpg", quality=92)
                 k += 1
-    dest = copy_project(tmp_path_factory.mktemp("real-project"))
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for section, values in TINY_PARAMS.items():
-        params[section].update(values)
-    params["ingest"].update(dataset="140k", data_path=str(root), sample_size=0)
-    params["register"].update(model_name="deepguard-detector-real-layout")
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dest = set_params(copy_project(tmp_path_factory.mktemp("real-project")),
+                      ingest=dict(dataset="140k", data_path=str(root), sample_size=0),
+                      register=dict(model_name="deepguard-detector-real-layout"))
     proc = run(["dvc", "repro"], dest)
     (dest / "repro.log").write_text(proc.stdout + proc.stderr)
     return dest
