@@ -165,18 +165,26 @@ def extrapolate(results: dict, gpu_speedup: float, n_target: int = 140_000) -> d
                      "over-estimate)")
 
 
-def plot(results: dict, path: Path):
+def plot(results: dict, path: Path, from_crops: dict | None = None):
+    "Full runs as filled points joined by lines; `--from-crops` runs (later stages only) as open points."
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sizes = sorted(map(int, results))
+    partial = sorted((from_crops or {}).values(), key=lambda r: r["n"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for stage in STAGES:
-        axes[0].plot(sizes, [results[str(n)]["stages"][stage]["seconds"] / n * 1000 for n in sizes], "o-", label=stage)
+        line, = axes[0].plot(sizes, [results[str(n)]["stages"][stage]["seconds"] / n * 1000 for n in sizes], "o-", label=stage)
         axes[1].plot(sizes, [results[str(n)]["stages"][stage]["peak_rss_mib"] for n in sizes], "o-", label=stage)
+        crops = [r for r in partial if stage in r["stages"]]
+        for ax, value in ((axes[0], lambda r: r["stages"][stage]["seconds"] / r["n"] * 1000),
+                          (axes[1], lambda r: r["stages"][stage]["peak_rss_mib"])):
+            ax.plot([r["n"] for r in crops], [value(r) for r in crops], "o", mfc="none", color=line.get_color())
+    ticks = sorted(set(sizes) | {r["n"] for r in partial})
     axes[0].set_ylabel("ms per image"); axes[1].set_ylabel("peak RSS (MiB)")
     for ax in axes:
-        ax.set_xscale("log"); ax.set_xlabel("images (N)"); ax.set_xticks(sizes, [f"{n // 1000}k" for n in sizes])
+        ax.set_xscale("log"); ax.set_xlabel("images (N); open points: from crops, later stages only")
+        ax.set_xticks(ticks, [f"{n // 1000}k" for n in ticks])
         ax.minorticks_off()
     axes[1].legend(fontsize=8)
     fig.suptitle("dvc repro on synthetic 140k-layout data, 2 cores")
@@ -227,6 +235,8 @@ def main():
             partial[key] = dict(n=n, from_crops=True, **record)
             report["from_crops"] = partial
             out.write_text(json.dumps({**report, "incomplete": incomplete}, indent=2) + "\n")
+            if results:
+                plot(results, out.with_suffix(".png"), partial)
             if not args.keep:
                 shutil.rmtree(work)
             continue
@@ -250,7 +260,7 @@ def main():
                       extrapolation_140k=extrapolate(results, args.gpu_speedup))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
-        plot(results, out.with_suffix(".png"))
+        plot(results, out.with_suffix(".png"), partial)
     print(json.dumps(report.get("ratios_largest_over_smallest"), indent=1))
     print(json.dumps(report.get("extrapolation_140k"), indent=1))
 
