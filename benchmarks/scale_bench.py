@@ -1,7 +1,7 @@
 """Scale benchmark: the whole pipeline (`dvc repro`, stage by stage) on synthetic datasets in the layout of
 "140k Real and Fake Faces" at N = 2k, 10k and 40k images; wall time and peak RSS of every stage.
 
-    python benchmarks/scale_bench.py                        # N = 2000 10000 40000 (about two hours here)
+    python benchmarks/scale_bench.py                        # N = 2000 10000 40000 (about 2 h 15 min here)
     python benchmarks/scale_bench.py --sizes 2000 10000     # a subset; results are merged into scale.json
 
 Data: every synthetic image is one of the demo corpus's raw images (`data/raw`, made by `make pipeline`) under a
