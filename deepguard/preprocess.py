@@ -20,8 +20,8 @@ from .faces import chain_params, encode_jpeg, face_chain, face_detector, sharpne
 from .ingest import LABELS, QUARANTINE_COLUMNS, SPLITS, label_id
 
 # %% auto #0
-__all__ = ['SHORTCUT_FEATURES', 'dedupe', 'high_freq_energy', 'jpeg_quality_estimate', 'shortcut_features', 'shortcut_audit',
-           'data_card']
+__all__ = ['SHORTCUT_FEATURES', 'dedupe', 'high_freq_energy', 'jpeg_quality_estimate', 'webp_history', 'shortcut_features',
+           'shortcut_audit', 'diffusion_card', 'data_card']
 
 # %% ../nbs/02_preprocess.ipynb #aec63528
 def dedupe(manifest: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -35,7 +35,7 @@ def dedupe(manifest: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 # %% ../nbs/02_preprocess.ipynb #6fc7d6e5
 SHORTCUT_FEATURES = ["mean", "std", "saturation", "file_size", "is_jpeg", "jpeg_quality", "high_freq_energy",
-                     "sharpness", "width", "face_size", "framing"]
+                     "sharpness", "width", "face_size", "framing", "webp_history"]
 
 def high_freq_energy(gray: np.ndarray) -> float:
     "Share of the (mean-removed) spectral power beyond half the Nyquist radius."
@@ -62,8 +62,15 @@ def jpeg_quality_estimate(image: Image.Image) -> float:
     quality = (200 - scale) / 2 if scale <= 100 else 5000 / scale
     return float(np.clip(round(quality), 1, 100))
 
-def shortcut_features(data: bytes, face_size: float = float("nan"), framing: float = float("nan")) -> dict:
-    "Trivial per-file statistics that must not predict the label (`face_size` and `framing` from the face chain)."
+def webp_history(row) -> int:
+    "1 if a manifest row's image was once a lossy WebP (a WebP source, or a WebP round trip in acquisition), else 0."
+    fmt = str(getattr(row, "source_format", "") or Path(str(getattr(row, "path", ""))).suffix.lstrip(".")).lower()
+    quality = pd.to_numeric(getattr(row, "webp_quality", 0) or 0, errors="coerce")
+    return int(fmt == "webp" or (quality == quality and quality > 0))
+
+def shortcut_features(data: bytes, face_size: float = float("nan"), framing: float = float("nan"),
+                      webp: float = float("nan")) -> dict:
+    "Trivial per-file statistics that must not predict the label (`face_size`, `framing`, `webp` from the chain and the manifest)."
     image = load_image(data)
     rgb = np.asarray(image, dtype=np.float64)
     hsv = np.asarray(image.convert("HSV"), dtype=np.float64)
@@ -71,7 +78,7 @@ def shortcut_features(data: bytes, face_size: float = float("nan"), framing: flo
     return dict(mean=rgb.mean(), std=rgb.std(), saturation=hsv[..., 1].mean(), file_size=len(data),
                 is_jpeg=float(data[:2] == b"\xff\xd8"), jpeg_quality=jpeg_quality_estimate(Image.open(io.BytesIO(data))),
                 high_freq_energy=high_freq_energy(gray), sharpness=sharpness(gray), width=float(image.width),
-                face_size=float(face_size), framing=float(framing))
+                face_size=float(face_size), framing=float(framing), webp_history=float(webp))
 
 def shortcut_audit(features: pd.DataFrame, y) -> dict:
     "ROC-AUC of each feature alone at predicting y (1 = fake); a constant or missing feature scores 0.5."
@@ -87,8 +94,27 @@ def shortcut_audit(features: pd.DataFrame, y) -> dict:
     return out
 
 # %% ../nbs/02_preprocess.ipynb #70c3abc3
+def diffusion_card(manifest: pd.DataFrame, drops: pd.DataFrame | None) -> list[str]:
+    "Data-card lines for the diffusion template faces: what each rule dropped, what is left per family."
+    diffusion = manifest[manifest.generator.str.startswith("diffusion-")]
+    if drops is None or not len(diffusion) and not len(drops):
+        return []
+    files = drops[drops.frame.astype(str) == ""].rule.value_counts()
+    images = drops[drops.frame.astype(str) != ""].rule.value_counts()
+    lines = ["## Diffusion faces (ComfyUI template media)", "",
+             "Rules applied in order (`01_ingest`, *Diffusion faces*); a file-level rule drops the whole file, an "
+             "image-level rule one frame.", "", "| rule | level | dropped |", "|---|---|---|"]
+    lines += [f"| `{rule}` | file | {n} |" for rule, n in files.items()]
+    lines += [f"| `{rule}` | image | {n} |" for rule, n in images.items()]
+    per = (diffusion.assign(file=diffusion.parent).groupby(["generator", "split"])
+           .agg(files=("file", "nunique"), images=("path", "size")).reset_index())
+    lines += ["", f"Left: {diffusion.parent.nunique()} files, {len(diffusion)} face images (video thumbnails give up to "
+              "several frames each, all in their file's split):", "", "| family | split | files | images |", "|---|---|---|---|"]
+    lines += [f"| {r.generator} | {r.split} | {r.files} | {r.images} |" for r in per.itertuples()]
+    return lines + [""]
+
 def data_card(manifest: pd.DataFrame, quarantine: pd.DataFrame, duplicates: int, audit: dict,
-              params: dict) -> str:
+              params: dict, drops: pd.DataFrame | None = None) -> str:
     "Markdown describing the processed dataset: sources, licences, counts, processing, audit, limits."
     counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0).reindex(SPLITS, fill_value=0)
     sources = (manifest.groupby(["label", "generator", "license"])
@@ -126,6 +152,15 @@ def data_card(manifest: pd.DataFrame, quarantine: pd.DataFrame, duplicates: int,
     if "source_audit" in audit:
         lines += ["Before the demo corpus's common acquisition step (the generators' and cameras' own output): "
                   + ", ".join(f"`{k}` {v:.3f}" for k, v in audit["source_audit"].items()) + ".", ""]
+    lines += diffusion_card(manifest, drops)
+    decoded = manifest[manifest.generator.str.startswith("decoder-")]
+    if len(decoded):
+        lines += ["## Aligned decoder fakes", "",
+                  f"{len(decoded)} reconstructions of real photographs through {decoded.generator.nunique()} small "
+                  "autoencoders trained in the ingest stage on the training photographs (`00b_decoders`): each "
+                  "is its photograph's size, JPEG quality and split; the external design's are external. "
+                  "Per design: " + ", ".join(f"`{g}` {n}" for g, n in decoded.generator.value_counts().sort_index().items())
+                  + ". The sharpness rows of the audit include them: a decoder's blur is its trace, not a shortcut.", ""]
     if manifest.generator.isin(["stylegan-mobile"]).any():
         lines += ["## What the demo set can and cannot show", "",
                   "- It is **small and not a benchmark of real-world deepfakes**. It exists so that the whole pipeline "
@@ -138,6 +173,8 @@ def data_card(manifest: pd.DataFrame, quarantine: pd.DataFrame, duplicates: int,
                   "(the split is by photograph). Content differs between sources (celebrity photographs against "
                   "FFHQ-like portraits against renders): a detector can learn content, which the external split "
                   "checks only partly.",
-                  "- The fakes cover a distilled StyleGAN2, a small DCGAN and a small VAE: no diffusion model.",
+                  "- The fakes cover a distilled StyleGAN2, a small DCGAN, a small VAE, the project's own small "
+                  "decoders, and a few dozen diffusion thumbnails (downscaled, once WebP): a small and unusual "
+                  "diffusion sample, with frames of one video counted as several images.",
                   "- Use a real dataset (GenImage, 140k Real and Fake Faces, CIFAKE: see README) for any claim about detection."]
     return "\n".join(lines) + "\n"

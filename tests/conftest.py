@@ -16,7 +16,9 @@ BIN = Path(sys.executable).parent
 
 # A few dozen images, one epoch: enough to exercise every stage for real, small enough for CI.
 TINY_PARAMS = {
-    "ingest": dict(n_stylegan=8, n_dcgan=8, n_vae=4, n_celeba=16, n_olivetti=10, val_frac=0.25, test_frac=0.25),
+    "ingest": dict(n_stylegan=8, n_dcgan=8, n_vae=4, n_celeba=16, n_olivetti=10, val_frac=0.25, test_frac=0.25,
+                   n_diffusion=24, diffusion_frames=1, diffusion_min_family=2, decoder_steps=20,
+                   decoder_designs="tconv-s4-plain,nearest-s8-kl", decoder_external="bilinear-s4-plain"),
     "preprocess": dict(image_size=64),
     "train": dict(epochs=1, fine_tune_epochs=1, batch_size=16, input_size=64),
     "register": dict(model_name="deepguard-detector-test", min_auc=0.0),
@@ -96,7 +98,7 @@ def copy_project(dest: Path) -> Path:
     files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], ROOT).stdout.split("\0")
     for rel in filter(None, files):
         src = ROOT / rel
-        generated = rel.startswith(("data/", "models/")) and not rel.startswith("data/regression/")
+        generated = rel.startswith(("data/", "models/")) and not rel.startswith(("data/regression/", "data/curation/"))
         if src.is_file() and not generated and rel != "dvc.lock":
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)

@@ -18,15 +18,36 @@ def test_ingest_manifest(tiny_project):
     manifest = pd.read_csv(raw / "manifest.csv", keep_default_na=False)
     assert list(manifest.columns) == ["path", "label", "source", "generator", "split", "sha256", "license", "width",
                                       "height", "face_size", "jpeg_quality", "source_face_size", "source_format", "blur_sigma",
-                                      "contrast_scale", "saturation_scale", "seed", "psi"]
+                                      "contrast_scale", "saturation_scale", "seed", "psi", "webp_quality", "parent",
+                                      "design", "package", "file", "workflow", "frame"]
     tiny = TINY_PARAMS["ingest"]
     counts = manifest.groupby("generator").size().to_dict()
-    assert counts == {"stylegan-mobile": tiny["n_stylegan"], "dcgan-digiface": tiny["n_dcgan"], "vae-olivetti": tiny["n_vae"],
-                      "celeba": tiny["n_celeba"], "olivetti": tiny["n_olivetti"], "photo-sample": 3}
+    n_reals = tiny["n_celeba"] + 3
+    assert {k: v for k, v in counts.items() if not k.startswith(("diffusion-", "decoder-"))} == {
+        "stylegan-mobile": tiny["n_stylegan"], "dcgan-digiface": tiny["n_dcgan"], "vae-olivetti": tiny["n_vae"],
+        "celeba": tiny["n_celeba"], "olivetti": tiny["n_olivetti"], "photo-sample": 3}
+    # one reconstruction per train/val/test photograph through a training design; the external design reconstructs
+    # the test photographs and the external reals
+    decoded = manifest[manifest.generator.str.startswith("decoder-")]
+    trained = decoded[decoded.design != "bilinear-s4-plain"]
+    assert len(trained) == n_reals and set(trained.design) <= {"tconv-s4-plain", "nearest-s8-kl"}
+    by_source = manifest.set_index("source")
+    assert (trained.split.to_numpy() == by_source.loc[trained.parent].split.to_numpy()).all(), \
+        "a photograph and its reconstruction are in one split"
+    held = decoded[decoded.design == "bilinear-s4-plain"]
+    assert (held.split == "external").all() and set(by_source.loc[held.parent].split) == {"test", "external"}
+    diffusion = manifest[manifest.generator.str.startswith("diffusion-")]
+    assert len(diffusion) > 0 and diffusion.package.str.startswith("comfyui-workflow-templates-media-").all()
+    assert (diffusion.groupby("parent").split.nunique() == 1).all(), "the frames of one template file share a split"
     assert (manifest.groupby("source").split.nunique() == 1).all(), "a source straddles splits"
     assert set(manifest.split) == {"train", "val", "test", "external"}
     external = manifest[manifest.split == "external"]
-    assert set(external.generator) == {"olivetti", "vae-olivetti"}, "the held-out sources are never trained on"
+    assert set(external.generator) <= {"olivetti", "vae-olivetti", "decoder-bilinear-s4-plain", "diffusion-flux"}, \
+        "the held-out sources are never trained on"
+    assert not (set(manifest[manifest.split != "external"].generator) & {"decoder-bilinear-s4-plain", "diffusion-flux"})
+    # WebP: reals matched to a WebP diffusion fake had one WebP round trip; no other real did
+    webp = manifest[(manifest.label == "real") & (manifest.webp_quality.astype(int) > 0)]
+    assert webp.webp_quality.astype(int).between(75, 95).all()
     stylegan = manifest[manifest.generator == "stylegan-mobile"]
     assert stylegan.seed.astype(int).is_unique and (stylegan.psi.astype(float) == 0.7).all()
     assert (manifest.path.str.endswith(".jpg")).all() and manifest.jpeg_quality.astype(int).between(70, 95).all()
@@ -149,8 +170,9 @@ def test_evaluate_outputs(tiny_project):
         assert len(pd.read_csv(tiny_project / "reports" / "plots" / f"{name}.csv")) > 0
     assert set(metrics["robustness"]) == {"clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "jpeg_q30", "downscale_x0.5",
                                           "downscale_x0.25", "blur_sigma1", "blur_sigma2"}
-    assert {"dcgan-digiface", "stylegan-mobile"} <= set(metrics["per_generator"]) <= {
-        "celeba", "photo-sample", "dcgan-digiface", "stylegan-mobile"}
+    trained = {g for g in manifest[manifest.split == "train"].generator}
+    assert {"dcgan-digiface", "stylegan-mobile"} <= set(metrics["per_generator"]) <= trained
+    assert any(g.startswith("decoder-") for g in metrics["per_generator"])
     for name in ("spectral_baseline", "shortcut_baseline", "sharpness_baseline"):
         assert metrics[name]["n"] == cnn["n"] and 0 <= metrics[name]["roc_auc"] <= 1
     lo, hi = cnn["roc_auc_ci95"]
@@ -158,10 +180,18 @@ def test_evaluate_outputs(tiny_project):
     cross = metrics["cross_source"]
     assert cross["olivetti vs vae-olivetti"]["unseen"] is True and cross["olivetti vs vae-olivetti"]["n_real"] == 10
     assert cross["celeba vs stylegan-mobile"]["unseen"] is False
-    assert metrics["external"]["cnn"]["n"] == TINY_PARAMS["ingest"]["n_olivetti"] + TINY_PARAMS["ingest"]["n_vae"]
+    assert metrics["external"]["cnn"]["n"] == (manifest.split == "external").sum()
+    assert cross["olivetti vs decoder-bilinear-s4-plain"]["splits"] == "external"   # a decoder design never trained on
+    calibration = metrics["calibration"]
+    assert calibration["ece_val_after"] <= calibration["ece_val_before"] and calibration["intercept"] == calibration["intercept"]
+    loo = metrics["leave_one_family_out"]
+    assert {"decoder-tconv-s4-plain", "decoder-nearest-s8-kl"} <= set(loo)
+    assert all(v["probe_without_family_auc_lo"] <= v["probe_without_family_auc"] <= v["probe_without_family_auc_hi"]
+               for v in loo.values())
     card = (tiny_project / "reports" / "model_card.md").read_text()
     assert f"| CNN | {cnn['roc_auc']:.3f} [" in card and "## Robustness" in card and "## Limitations" in card
-    assert "| olivetti | vae-olivetti |" in card
+    assert "| olivetti | vae-olivetti |" in card and "## Held-out generators" in card
+    assert "| decoder-bilinear-s4-plain | olivetti |" in card
 
 
 def test_evaluate_is_deterministic(tiny_project):
