@@ -19,7 +19,7 @@ from .core import ParamsError, check_param, file_sha256, get_logger, resolve, wr
 
 # %% auto #0
 __all__ = ['multi_worker', 'is_chief', 'distribution_strategy', 'allow_multi_worker_fit', 'gaussian_blur', 'augment',
-           'make_dataset', 'class_weights', 'MlflowEpochLogger', 'compile_model', 'fit', 'unfreeze_top',
+           'make_dataset', 'oversample', 'class_weights', 'MlflowEpochLogger', 'compile_model', 'fit', 'unfreeze_top',
            'train_two_phase', 'save_model_atomically', 'plot_history']
 
 # %% ../nbs/05_train.ipynb #7d1e0a02
@@ -101,11 +101,13 @@ def augment(image: tf.Tensor, seed: tf.Tensor, p: float, input_size: int, graysc
 
 def make_dataset(manifest: pd.DataFrame, processed_dir, split: str, input_size: int = 64, batch_size: int = 32,
                  training: bool = False, seed: int = 42, augment_p: float = 0.0,
-                 grayscale_p: float = 0.0, min_batch: int = 1) -> tf.data.Dataset:
+                 grayscale_p: float = 0.0, min_batch: int = 1, repeat: dict | None = None) -> tf.data.Dataset:
     """Batches of (raw RGB float32 images, float32 labels with 1 = fake) for one split, read from the files batch by
-    batch. A last batch smaller than `min_batch` is dropped (a multi-worker step needs an image on every replica)."""
+    batch. A last batch smaller than `min_batch` is dropped (a multi-worker step needs an image on every replica).
+    `repeat` ({generator prefix: n}) lists the rows of those generators n times (oversampling a rare family; each
+    copy gets its own augmentation)."""
     check_param("augment_p", augment_p, low=0.0, high=1.0); check_param("grayscale_p", grayscale_p, low=0.0, high=1.0)
-    rows = manifest[manifest.split == split]
+    rows = oversample(manifest[manifest.split == split], repeat)
     if rows.empty:
         raise ValueError(f"Split '{split}' has no images; check the preprocess stage's manifest.")
     paths = [str(Path(processed_dir) / p) for p in rows.path]
@@ -128,6 +130,16 @@ def make_dataset(manifest: pd.DataFrame, processed_dir, split: str, input_size: 
         ds = tf.data.Dataset.zip((ds, seeds)).map(lambda xy, s: (augment(xy[0], s, augment_p, input_size, grayscale_p), xy[1]),
                                                   num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+def oversample(rows: pd.DataFrame, repeat: dict | None) -> pd.DataFrame:
+    "`rows` with the rows of each generator prefix in `repeat` listed n times (in place, order otherwise kept)."
+    if not repeat:
+        return rows
+    times = np.ones(len(rows), dtype=int)
+    for prefix, n in repeat.items():
+        check_param("oversample factor", n, low=1, high=1000)
+        times[rows.generator.str.startswith(prefix).to_numpy()] = int(n)
+    return rows.loc[rows.index.repeat(times)]
 
 def class_weights(y) -> dict | None:
     "Balanced class weights ({0: w0, 1: w1}) when the classes differ in size, else None."
