@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .core import (DataLayoutError, DeepGuardError, InvalidImageError, ParamsError, check_param,
                             file_sha256, get_logger, load_image, resolve, seed_everything, write_json)
-from .decoders import parse_design, parse_designs, reconstruct, train_autoencoder
+from .decoders import parse_designs, reconstruct, train_autoencoder
 from .faces import FACE_CHAIN, detect_face, encode_jpeg, face_detector, sharpness, square_box
 
 # %% auto #0
@@ -494,8 +494,8 @@ def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 
             got = add(f["image"], "fake", name, f["generator"], f["license"],
                       draw_target(name, seed, native_min, native_max),
                       split="external" if f["generator"] == held_out else "", source_format=f["source_format"],
-                      package=f["package"], file=f["file"], workflow=f["workflow"], frame=f["frame"])
-            rows[-1]["parent"] = f["source"]          # the frames of one file stay together in one split
+                      package=f["package"], file=f["file"], workflow=f["workflow"], frame=f["frame"],
+                      parent=f["source"])             # the frames of one file stay together in one split
             if f["generator"] != held_out:
                 fakes.append((got, f["source_format"]))
     def add_real(array, source, generator, license, source_format):
