@@ -10,9 +10,10 @@
 # from the registry instead, run the image with `serve --model models:/...@champion` and MLFLOW_TRACKING_URI.
 ARG BASE_IMAGE=python:3.11.7-slim-bookworm
 
-# ---- a virtual environment with the pinned serving dependencies (no torch; all wheels, so no compiler anywhere).
-# The runtime stages below build on this one rather than `COPY --from` it: a copy of the 2.5 GB venv would be a
-# second 2.5 GB layer, and committing it takes as much again in temporary space (the build ran out of disk so).
+# ---- a virtual environment with the pinned serving dependencies: no TensorFlow, Keras or torch (the detector and the
+# face detector answer from OpenVINO IR; mtcnn is installed for its weight files only, and needs just joblib and lz4).
+# All wheels, so no compiler anywhere. The runtime stages below build on this one rather than `COPY --from` it: a
+# copy of the venv would be a second layer of the same size.
 # pip's settings are build arguments, not ENV, so that none of them stays in the images.
 FROM ${BASE_IMAGE} AS venv
 ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
@@ -23,16 +24,19 @@ COPY constraints.txt settings.ini setup.py pyproject.toml MANIFEST.in README.md 
 COPY deepguard/ deepguard/
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-compile -c constraints.txt \
-      "tensorflow-cpu==2.21.0" "keras==3.15.1" "mlflow==3.17.2" "mlserver==1.7.1" "mlserver-mlflow==1.7.1" \
-      "openvino==2026.4.1" "mtcnn==1.0.0" pillow numpy pandas pyyaml scikit-learn prometheus-client tqdm \
- && /opt/venv/bin/pip install --no-compile --no-deps .
+      "mlflow==3.17.2" "mlserver==1.7.1" "mlserver-mlflow==1.7.1" "openvino==2026.4.1" "mtcnn==1.0.0" \
+      joblib lz4 pillow numpy pandas pyyaml scikit-learn prometheus-client tqdm \
+ && /opt/venv/bin/pip install --no-compile --no-deps . \
+ && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('tensorflow', 'keras', 'torch')))"
 
-# ---- the dashboard's environment: the serving one plus Voila and the dashboard's plotting libraries
+# ---- the dashboard's environment: the serving one plus Voila, the dashboard's plotting libraries, and TensorFlow
+# with Keras for its Grad-CAM view (answers still come from OpenVINO)
 FROM venv AS dashboard-venv
 ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 ARG PIP_DISABLE_PIP_VERSION_CHECK=1
 ARG PIP_NO_CACHE_DIR=1
-RUN /opt/venv/bin/pip install --no-compile -c constraints.txt "voila==0.5.13" ipywidgets ipykernel matplotlib scikit-image
+RUN /opt/venv/bin/pip install --no-compile -c constraints.txt "voila==0.5.13" ipywidgets ipykernel matplotlib scikit-image \
+      "tensorflow-cpu==2.21.0" "keras==3.15.1"
 
 # ---- the dashboard (Voila on 8866), with the pipeline's detector and demo images
 FROM dashboard-venv AS dashboard
@@ -41,13 +45,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
     MPLBACKEND=Agg \
-    DEEPGUARD_ROOT=/app \
-    DEEPGUARD_CACHE=/tmp/deepguard-cache
+    DEEPGUARD_ROOT=/app
 RUN groupadd --gid 10001 deepguard && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin deepguard
 WORKDIR /app
 COPY dvc.yaml params.yaml ./
 COPY app/ app/
-COPY models/detector.keras models/detector.json models/threshold.json models/
+COPY models/detector.keras models/detector.json models/threshold.json models/detector.xml models/detector.bin models/
 COPY reports/metrics.json reports/
 COPY data/features/mean_spectra.npz data/features/
 COPY data/raw/ data/raw/
@@ -63,8 +66,6 @@ FROM venv AS server
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    TF_CPP_MIN_LOG_LEVEL=2 \
-    DEEPGUARD_CACHE=/tmp/deepguard-cache \
     HOME=/tmp
 RUN groupadd --gid 10001 deepguard && useradd --no-create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin deepguard
 WORKDIR /app

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .core import DeepGuardError, InvalidImageError, load_image
-from .ingest import IMAGE_SUFFIXES
+from .core import IMAGE_SUFFIXES
 
 # %% auto #0
-__all__ = ['TABLE_COLUMNS', 'expand_paths', 'format_row', 'json_row', 'build_parser', 'classify_command', 'main', 'serve_command',
-           'spark_command', 'console', 'summary_lines', 'summary_command']
+__all__ = ['TABLE_COLUMNS', 'expand_paths', 'format_row', 'json_row', 'build_parser', 'classify_command', 'main',
+           'export_command', 'serve_command', 'spark_command', 'console', 'summary_lines', 'summary_command']
 
 # %% ../nbs/10_cli.ipynb #4b80cef9
 def expand_paths(paths: Sequence[str], recursive: bool = False) -> Iterator[Path]:
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--grpc-port", type=int, default=int(env("GRPC_PORT", 8081)), help="gRPC port (default: $GRPC_PORT or 8081)")
     v.add_argument("--max-batch-size", type=int, default=None, help="images per batched V2 model call (default 16)")
     v.add_argument("--max-batch-time", type=float, default=None, help="seconds a request waits for others to batch with (default 0.01)")
-    v.add_argument("--workers", type=int, default=None, help="inference processes, each with its own detector (default 2; 0: in the server process)")
+    v.add_argument("--workers", type=int, default=None, help="inference processes, each with its own detector (default 1; 0: in the server process)")
     v.add_argument("--threads", type=int, default=None, dest="inference_threads", help="inference threads per process (default 1)")
     v.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default 20,000,000)")
     v.add_argument("--body-timeout", type=float, default=None, help="seconds to receive a request body before 408 (default 30)")
@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv"],
                    help="the workers' Python environment: as it is, or rebuilt from the model's pinned requirements")
     b.add_argument("--format", default="parquet", choices=["parquet", "csv"], dest="fmt")
+    x = commands.add_parser("export", help="Write a .keras model's calibrated graph as OpenVINO IR (needs TensorFlow).",
+                            description="Convert MODEL.keras with its threshold.json calibration into the OpenVINO IR "
+                                        "that classify, the CLI and the server run (MODEL.xml + MODEL.bin beside it). "
+                                        "The register stage does this for the pipeline's model.")
+    x.add_argument("model", metavar="MODEL", help="the .keras file (its .json metadata beside it)")
+    x.add_argument("--threshold", default=None, metavar="JSON", help="the calibration (default: threshold.json beside the model)")
+    x.add_argument("--out", default=None, metavar="XML", help="where the IR goes (default: MODEL.xml)")
     return parser
 
 def _batches(files: list[Path], size: int):
@@ -146,7 +153,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_command(args)
     if args.command == "spark-score":
         return spark_command(args)
+    if args.command == "export":
+        return export_command(args)
     return 2
+
+def export_command(args, out=None, err=None) -> int:
+    "Export a model's IR; 2 with a message when the model or its metadata is missing or TensorFlow is not installed."
+    from deepguard.predict import export_openvino
+    out, err = out or sys.stdout, err or sys.stderr
+    model = Path(args.model)
+    for needed in (model, model.with_suffix(".json")):
+        if not needed.is_file():
+            print(f"deepguard export: {needed} is missing (a .keras model with its .json metadata beside it)", file=err)
+            return 2
+    try:
+        xml = export_openvino(model, args.threshold, args.out)
+    except ImportError as error:
+        print(f"deepguard export: needs TensorFlow and Keras (the training set-up, `make setup`): {error}", file=err)
+        return 2
+    print(f"wrote {xml} and {xml.with_suffix('.bin')}", file=out)
+    return 0
 
 def serve_command(args, err=None) -> int:
     "Run the server in the foreground; 2 with a message for settings it cannot use."

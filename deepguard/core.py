@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.ipynb #f2f5dc19
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -21,9 +22,10 @@ import yaml
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['MAX_PIXELS', 'MIN_SIDE', 'ImageSource', 'DeepGuardError', 'ParamsError', 'DataLayoutError', 'InvalidImageError',
-           'project_root', 'resolve', 'load_params', 'check_param', 'as_bool', 'seed_everything', 'get_logger',
-           'write_json', 'file_sha256', 'git_commit', 'to_rgb', 'load_image', 'mlflow_setup']
+__all__ = ['RUNTIMES', 'IMAGE_SUFFIXES', 'MAX_PIXELS', 'MIN_SIDE', 'ImageSource', 'DeepGuardError', 'ParamsError',
+           'DataLayoutError', 'InvalidImageError', 'project_root', 'resolve', 'load_params', 'check_param', 'as_bool',
+           'inference_runtime', 'openvino_config', 'seed_everything', 'get_logger', 'write_json', 'file_sha256',
+           'git_commit', 'to_rgb', 'load_image', 'encode_image_b64', 'decode_image_b64', 'mlflow_setup']
 
 # %% ../nbs/00_core.ipynb #96e9f324
 class DeepGuardError(Exception):
@@ -93,6 +95,26 @@ def as_bool(name: str, value: Any) -> bool:
         return False
     raise ParamsError(f"Parameter {name}={value!r} is not a boolean (true or false).")
 
+# %% ../nbs/00_core.ipynb #f515b44f
+RUNTIMES = ("openvino", "tensorflow")
+
+def inference_runtime(runtime: str | None = None) -> str:
+    "The runtime asked for (argument, else `DEEPGUARD_RUNTIME`, else openvino), checked."
+    runtime = runtime or os.environ.get("DEEPGUARD_RUNTIME") or "openvino"
+    if runtime not in RUNTIMES:
+        raise DeepGuardError(f"unknown runtime {runtime!r} (DEEPGUARD_RUNTIME): use one of {RUNTIMES}")
+    return runtime
+
+def openvino_config(threads: int | None = None) -> dict:
+    """OpenVINO CPU settings for every compiled model: f32 (its default is bf16 on CPUs that have it), latency first,
+    and `threads` (else `DEEPGUARD_OV_THREADS`, else OpenVINO's choice) threads per inference: worker processes
+    that share the cores (the server's, preprocess's) set one each."""
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    threads = threads or os.environ.get("DEEPGUARD_OV_THREADS")
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(check_param("DEEPGUARD_OV_THREADS", int(threads), low=1, high=1024))
+    return config
+
 # %% ../nbs/00_core.ipynb #12a65ee1
 def seed_everything(seed: int) -> None:
     "Seed Python, NumPy and (when already imported) TensorFlow/Keras and PyTorch."
@@ -143,6 +165,7 @@ def git_commit(root: Union[str, Path, None] = None) -> str:
         return "unknown"
 
 # %% ../nbs/00_core.ipynb #cde38fd4
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}   # what folder scans pick up
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger inputs are treated as decompression bombs
 MIN_SIDE = 16            # smaller images carry too little signal to classify
 
@@ -227,6 +250,25 @@ def load_image(src: ImageSource, max_pixels: int = MAX_PIXELS, min_side: int = M
     except Exception:  # a broken EXIF block should not lose a decodable image
         pass
     return to_rgb(im)
+
+# %% ../nbs/00_core.ipynb #24a55c0e
+def encode_image_b64(data: bytes) -> str:
+    "Base64 text of an image file's bytes, the served model's input encoding."
+    return base64.b64encode(bytes(data)).decode("ascii")
+
+def decode_image_b64(index: int, text) -> tuple[bytes, "Image.Image"]:
+    "One base64 row to (file bytes, upright RGB image), or `InvalidImageError` naming the row (reason `not_base64` or the decoder's)."
+    if not isinstance(text, (str, bytes)):
+        raise InvalidImageError(f"row {index}: the image column must hold base64 text, got {type(text).__name__}", "not_base64")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as err:
+        raise InvalidImageError(f"row {index}: the image column must hold base64 text ({err}).", "not_base64")
+    try:
+        return data, load_image(data)
+    except InvalidImageError as err:
+        raise InvalidImageError(f"row {index}: {err} (reason: {err.reason})", err.reason)
+
 
 # %% ../nbs/00_core.ipynb #467ff388
 def mlflow_setup(experiment: str = "deepguard", root: Union[str, Path, None] = None) -> str:

@@ -322,7 +322,7 @@ def bootstrap_accuracy(y, p, threshold: float = 0.5, n_boot: int = 1000, seed: i
 # %% ../nbs/06_evaluate.ipynb #11ca5f4e
 def regression_images(folder) -> pd.DataFrame:
     "path and y (1 = fake) for every image file under folder/real and folder/fake (none: an empty frame)."
-    from deepguard.ingest import IMAGE_SUFFIXES
+    from deepguard.core import IMAGE_SUFFIXES
     rows = []
     for label, y in (("real", 0), ("fake", 1)):
         base = Path(folder) / label

@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 import io
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 
-from .core import ParamsError, check_param
+from .core import ParamsError, check_param, inference_runtime
 
 # %% auto #0
 __all__ = ['FACE_CHAIN', 'chain_params', 'face_detector', 'detect_face', 'square_box', 'encode_jpeg', 'FaceCrop', 'face_chain',
@@ -37,11 +39,17 @@ def chain_params(processing: dict | None = None) -> dict:
     return params
 
 # %% ../nbs/00a_faces.ipynb #a7e09d07
-@lru_cache(maxsize=1)
-def face_detector():
-    "One MTCNN detector per process (its three networks load once)."
-    from mtcnn import MTCNN
-    return MTCNN(device="CPU:0")
+def face_detector(runtime: str | None = None, threads: int | None = None):
+    "One MTCNN per process and runtime (its networks load once): OpenVINO by default, the `mtcnn` package on TensorFlow as the reference."
+    return _detector(inference_runtime(runtime), threads)
+
+@lru_cache(maxsize=4)
+def _detector(runtime: str, threads: int | None):
+    if runtime == "tensorflow":
+        from mtcnn import MTCNN
+        return MTCNN(device="CPU:0")
+    from deepguard.facedetect import MTCNNOpenVINO
+    return MTCNNOpenVINO(threads)
 
 def detect_face(image: Image.Image, max_side: int = 512, min_confidence: float = 0.9,
                 detector=None) -> tuple[float, float, float, float] | None:
@@ -106,10 +114,17 @@ def face_chain(image: Image.Image, processing: dict | None = None, detector=None
     return FaceCrop(encode_jpeg(crop, p["jpeg_quality"]), box is not None, (left, top, side), side, framing)
 
 # %% ../nbs/00a_faces.ipynb #d66f2323
-def prepare_faces(images: list[Image.Image], processing: dict | None = None,
-                  detector=None) -> tuple[np.ndarray, list[FaceCrop]]:
-    "((N, S, S, 3) float32 raw RGB batch, the N crops) for decoded upright RGB images."
-    crops = [face_chain(image, processing, detector) for image in images]
+def prepare_faces(images: list[Image.Image], processing: dict | None = None, detector=None,
+                  threads: int | None = None) -> tuple[np.ndarray, list[FaceCrop]]:
+    """((N, S, S, 3) float32 raw RGB batch, the N crops) for decoded upright RGB images. Several images go through
+    the chain on `threads` threads (default one per core: OpenVINO, numpy and Pillow release the GIL); the answers
+    do not depend on it. The TensorFlow reference runs them one by one."""
+    threads = threads or os.cpu_count() or 1
+    if len(images) > 1 and threads > 1 and inference_runtime() == "openvino":
+        with ThreadPoolExecutor(min(threads, len(images))) as pool:
+            crops = list(pool.map(lambda image: face_chain(image, processing, detector), images))
+    else:
+        crops = [face_chain(image, processing, detector) for image in images]
     size = chain_params(processing)["image_size"]
     batch = np.stack([c.array() for c in crops]) if crops else np.zeros((0, size, size, 3), np.float32)
     return batch, crops

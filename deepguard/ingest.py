@@ -20,20 +20,20 @@ import pandas as pd
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from .core import (DataLayoutError, DeepGuardError, InvalidImageError, ParamsError, check_param,
+from .core import (IMAGE_SUFFIXES, DataLayoutError, DeepGuardError, InvalidImageError, ParamsError, check_param,
                             file_sha256, get_logger, load_image, resolve, seed_everything, write_json)
 from .decoders import parse_designs, reconstruct, train_autoencoder
 from .faces import FACE_CHAIN, detect_face, encode_jpeg, face_detector, sharpness, square_box
 
 # %% auto #0
-__all__ = ['MANIFEST_COLUMNS', 'ACQUISITION_COLUMNS', 'QUARANTINE_COLUMNS', 'LABELS', 'SPLITS', 'IMAGE_SUFFIXES',
-           'STYLEGAN_MEAN_SEED', 'STYLEGAN_MEAN_N', 'CELEBA_LICENSE', 'OLIVETTI_LICENSE', 'COMFY_PACKAGES',
-           'COMFY_LICENSE', 'NOT_IMAGE_GENERATION', 'RESTORATION', 'INPUT_TASKS', 'TEMPLATE_RULES',
-           'DIFFUSION_FAMILIES', 'LAYOUTS', 'label_id', 'split_sources', 'assign_splits', 'package_dir', 'dcgan_faces',
-           'stylegan_faces', 'vae_faces', 'celeba_files', 'olivetti_faces', 'sample_photos', 'template_rule',
-           'template_family', 'template_files', 'template_frames', 'not_photoreal', 'diffusion_faces', 'draw_target',
-           'draw_quality', 'webp_round_trip', 'Acquired', 'crop_statistics', 'match_statistics', 'frame_tighter',
-           'acquire', 'decoder_fakes', 'build_demo', 'scan_layout', 'sample_per_class', 'import_dataset']
+__all__ = ['MANIFEST_COLUMNS', 'ACQUISITION_COLUMNS', 'QUARANTINE_COLUMNS', 'LABELS', 'SPLITS', 'STYLEGAN_MEAN_SEED',
+           'STYLEGAN_MEAN_N', 'CELEBA_LICENSE', 'OLIVETTI_LICENSE', 'COMFY_PACKAGES', 'COMFY_LICENSE',
+           'NOT_IMAGE_GENERATION', 'RESTORATION', 'INPUT_TASKS', 'TEMPLATE_RULES', 'DIFFUSION_FAMILIES', 'LAYOUTS',
+           'label_id', 'split_sources', 'assign_splits', 'package_dir', 'dcgan_faces', 'stylegan_faces', 'vae_faces',
+           'celeba_files', 'olivetti_faces', 'sample_photos', 'template_rule', 'template_family', 'template_files',
+           'template_frames', 'not_photoreal', 'diffusion_faces', 'draw_target', 'draw_quality', 'webp_round_trip',
+           'Acquired', 'crop_statistics', 'match_statistics', 'frame_tighter', 'acquire', 'decoder_fakes', 'build_demo',
+           'scan_layout', 'sample_per_class', 'import_dataset']
 
 # %% ../nbs/01_ingest.ipynb #8bba13c3
 MANIFEST_COLUMNS = ["path", "label", "source", "generator", "split", "sha256", "license", "width", "height"]
@@ -47,7 +47,6 @@ ACQUISITION_COLUMNS = ["face_size", "jpeg_quality", "source_face_size", "source_
 QUARANTINE_COLUMNS = ["path", "reason", "message"]
 LABELS = ("real", "fake")          # index = class id: 0 = real, 1 = fake
 SPLITS = ("train", "val", "test", "external")   # external: sources never trained on (evaluation only)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 def label_id(label: str) -> int:
     "Class id with the project's fixed polarity: 1 = fake."

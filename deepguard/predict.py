@@ -10,19 +10,20 @@ import json
 import os
 import threading
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .core import DeepGuardError, ImageSource, InvalidImageError, file_sha256, load_image, project_root, resolve
+from .core import (DeepGuardError, ImageSource, InvalidImageError, file_sha256, inference_runtime, load_image,
+                            openvino_config, project_root, resolve)
 from .faces import FaceCrop, prepare_faces
 
 # %% auto #0
-__all__ = ['REGISTRY_MODEL', 'LOCAL_MODEL', 'BATCH', 'IDENTITY_CALIBRATION', 'RUNTIMES', 'Classification', 'LoadedDetector',
-           'OpenVINOPredict', 'runtime_cache', 'openvino_predict', 'detector_from_files', 'load_detector',
-           'resolve_model', 'classify_images', 'answer', 'classify']
+__all__ = ['REGISTRY_MODEL', 'LOCAL_MODEL', 'BATCH', 'IDENTITY_CALIBRATION', 'Classification', 'LoadedDetector', 'read_decision',
+           'OpenVINOPredict', 'graph_key', 'graph_path', 'export_openvino', 'openvino_predict', 'detector_from_files',
+           'pyfunc_files', 'load_detector', 'resolve_model', 'classify_images', 'answer', 'classify']
 
 # %% ../nbs/08_predict.ipynb #42052cdc
 @dataclass(frozen=True)
@@ -49,14 +50,20 @@ BATCH = 64   # images per model call for long lists
 @dataclass(frozen=True)
 class LoadedDetector:
     "The one inference path: face chain (the model's recorded `processing`) → compiled model → P(fake)."
-    model: object            # the Keras model
+    model_path: str          # the Keras model file the compiled graph was made from
     metadata: dict           # input_size, processing (face chain), backbone, ...
     threshold: float
     name: str
     version: str
     predict_fn: object       # float32 (N, S, S, 3) raw RGB -> (N, 1) calibrated P(fake): the compiled graph
-    calibration: dict = None # slope and centre of the logit -> P(fake) map (evaluate stage), None = identity
-    runtime: str = "tensorflow"  # what runs predict_fn: "openvino" (default) or "tensorflow"
+    calibration: dict = None # slope and centre of the logit -> P(fake) map (evaluate stage)
+    runtime: str = "openvino"  # what runs predict_fn: "openvino" (the exported graph) or "tensorflow" (the reference)
+
+    @cached_property
+    def model(self):
+        "The Keras model, for Grad-CAM and research; loading it imports TensorFlow. No answer goes through it."
+        import keras
+        return keras.saving.load_model(self.model_path, safe_mode=True)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         "P(fake) for a batch that already went through the face chain."
@@ -74,6 +81,12 @@ class LoadedDetector:
         return np.concatenate(probs), crops
 
 IDENTITY_CALIBRATION = dict(slope=1.0, centre_logit=0.0)
+
+def read_decision(threshold_path) -> dict:
+    "The evaluate stage's `threshold.json` (threshold and calibration); without one, threshold 0.5 and no calibration."
+    path = Path(threshold_path)
+    decision = json.loads(path.read_text()) if path.is_file() else {"threshold": 0.5}
+    return {**decision, "calibration": decision.get("calibration", IDENTITY_CALIBRATION)}
 
 def _compile(model, input_size: int, calibration: dict = IDENTITY_CALIBRATION):
     "One graph for every batch size: the calibrated P(fake) = sigmoid(slope * (model logit - centre))."
@@ -96,53 +109,70 @@ class OpenVINOPredict:
         result = request.infer([np.ascontiguousarray(x, np.float32)])
         return np.array(next(iter(result.values())), copy=True)   # the request reuses its output buffer
 
-RUNTIMES = ("openvino", "tensorflow")
-
-def runtime_cache() -> Path:
-    "Where converted OpenVINO models are kept: $DEEPGUARD_CACHE, else ~/.cache/deepguard."
-    return Path(os.environ.get("DEEPGUARD_CACHE") or Path.home() / ".cache" / "deepguard") / "openvino"
-
-def openvino_predict(predict_fn, key: str) -> OpenVINOPredict:
-    "`predict_fn` (the tf.function) converted by OpenVINO, compiled for this CPU in f32; the IR is cached under `key`."
-    import openvino as ov
-    core, xml = ov.Core(), runtime_cache() / f"{key}.xml"
-    if xml.is_file():
-        model = core.read_model(xml)
-    else:
-        model = ov.convert_model(predict_fn.get_concrete_function())
-        try:                           # write beside, then rename: a concurrent reader never sees half a model
-            xml.parent.mkdir(parents=True, exist_ok=True)
-            tmp = xml.with_name(f"{key}.{os.getpid()}.{threading.get_ident()}.xml")
-            ov.save_model(model, tmp, compress_to_fp16=False)   # its default halves the weights
-            tmp.with_suffix(".bin").replace(xml.with_suffix(".bin")); tmp.replace(xml)
-        except OSError:                # a read-only home: convert at every load instead
-            pass
-    # f32 explicitly: on CPUs with AMX / AVX-512 BF16, OpenVINO's default is bf16 (P(fake) off by up to 0.06)
-    return OpenVINOPredict(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}))
-
-def _runtime_key(model_path, input_size: int, calibration: dict) -> str:
-    import openvino
+def graph_key(model_path, input_size: int, calibration: dict) -> str:
+    "What an exported graph was made from: the model file's hash, the input size and the calibration."
     digest = hashlib.sha256(file_sha256(model_path).encode())
-    digest.update(json.dumps([input_size, calibration, openvino.__version__], sort_keys=True).encode())
+    digest.update(json.dumps([int(input_size), calibration], sort_keys=True).encode())
     return digest.hexdigest()[:24]
 
-def detector_from_files(model_path, metadata_path, threshold_path, name: str, version: str | None = None,
-                        runtime: str | None = None) -> LoadedDetector:
-    "A detector from its three files (the pipeline's and the registered pyfunc's are the same three)."
+def graph_path(model_path) -> Path:
+    "Where the exported graph of a `.keras` model lives: beside it, `detector.xml` + `detector.bin`."
+    return Path(model_path).with_suffix(".xml")
+
+def export_openvino(model_path, threshold_path=None, out=None) -> Path:
+    """Convert the calibrated graph once, where the model is made (register stage, `deepguard export`): OpenVINO IR
+    at `out` (default: beside the model), tagged with `graph_key`. Needs TensorFlow; answering never does."""
     import keras
-    runtime = runtime or os.environ.get("DEEPGUARD_RUNTIME") or "openvino"
-    if runtime not in RUNTIMES:
-        raise DeepGuardError(f"unknown runtime {runtime!r} (DEEPGUARD_RUNTIME): use one of {RUNTIMES}")
+    import openvino as ov
+    model_path = Path(model_path)
+    metadata = json.loads(model_path.with_suffix(".json").read_text())
+    calibration = read_decision(threshold_path or model_path.parent / "threshold.json")["calibration"]
+    fn = _compile(keras.saving.load_model(model_path, safe_mode=True), metadata["input_size"], calibration)
+    graph = ov.convert_model(fn.get_concrete_function())
+    graph.set_rt_info(graph_key(model_path, metadata["input_size"], calibration), ["deepguard", "made_from"])
+    xml = Path(out) if out else graph_path(model_path)
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.{threading.get_ident()}.xml")
+    ov.save_model(graph, tmp, compress_to_fp16=False)   # its default halves the weights
+    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin")); tmp.replace(xml)
+    return xml
+
+def openvino_predict(xml, key: str) -> OpenVINOPredict:
+    "The exported graph at `xml` (its `.bin` beside it), checked against `key`, compiled for this CPU in f32."
+    import openvino as ov
+    xml = Path(xml)
+    if not (xml.is_file() and xml.with_suffix(".bin").is_file()):
+        raise DeepGuardError(f"No OpenVINO graph at {xml} (+ .bin). The register stage writes it (`dvc repro`); for "
+                             "another .keras model run `deepguard export MODEL.keras` where TensorFlow is installed. "
+                             "DEEPGUARD_RUNTIME=tensorflow answers from the Keras model instead.")
+    core = ov.Core()
+    graph = core.read_model(xml, xml.with_suffix(".bin"))
+    made_from = graph.get_rt_info(["deepguard", "made_from"]).astype(str) if graph.has_rt_info(["deepguard", "made_from"]) else ""
+    if made_from != key:
+        raise DeepGuardError(f"{xml} was exported from another model file or calibration (made from {made_from or 'unknown'}, "
+                             f"expected {key}): re-export it with `deepguard export` (the register stage does).")
+    # f32 explicitly: on CPUs with AMX / AVX-512 BF16, OpenVINO's default is bf16 (P(fake) off by up to 0.06)
+    return OpenVINOPredict(core.compile_model(graph, "CPU", openvino_config()))
+
+def detector_from_files(model_path, metadata_path, threshold_path, name: str, version: str | None = None,
+                        runtime: str | None = None, graph: str | Path | None = None) -> LoadedDetector:
+    "A detector from its files (the pipeline's and the registered pyfunc's are the same): metadata, threshold, and the exported `graph` (default beside the model) or, with runtime tensorflow, the Keras model."
+    runtime = inference_runtime(runtime)
     metadata = json.loads(Path(metadata_path).read_text())
-    threshold_path = Path(threshold_path)
-    decision = json.loads(threshold_path.read_text()) if threshold_path.is_file() else {"threshold": 0.5}
-    calibration = decision.get("calibration", IDENTITY_CALIBRATION)
-    model = keras.saving.load_model(model_path, safe_mode=True)
+    decision = read_decision(threshold_path)
+    calibration = decision["calibration"]
     version = version or "run-" + metadata.get("mlflow_run_id", "unknown")[:8]
-    predict_fn = _compile(model, metadata["input_size"], calibration)
-    if runtime == "openvino":
-        predict_fn = openvino_predict(predict_fn, _runtime_key(model_path, metadata["input_size"], calibration))
-    return LoadedDetector(model, metadata, float(decision["threshold"]), name, version, predict_fn, calibration, runtime)
+    if runtime == "tensorflow":
+        import keras
+        model = keras.saving.load_model(model_path, safe_mode=True)
+        predict_fn = _compile(model, metadata["input_size"], calibration)
+    else:
+        predict_fn = openvino_predict(graph or graph_path(model_path), graph_key(model_path, metadata["input_size"], calibration))
+    detector = LoadedDetector(str(model_path), metadata, float(decision["threshold"]), name, version, predict_fn,
+                              calibration, runtime)
+    if runtime == "tensorflow":
+        detector.__dict__["model"] = model      # already loaded: the cached property's slot
+    return detector
 
 def _load_local(path: Path) -> LoadedDetector:
     if not path.is_file():
@@ -171,14 +201,33 @@ def _load_registry(uri: str) -> LoadedDetector:
             version = client.get_model_version_by_alias(name, ref).version
         else:                                    # models:/name/version
             name, _, version = uri[len("models:/"):].partition("/")
-        wrapper = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model()
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
     except Exception as err:
         raise DeepGuardError(f"Could not load {uri} from the MLflow registry at {tracking}: {err}. "
                              "Run `make pipeline` (its register stage fills the registry) or pass model=...") from err
-    return replace(wrapper.detector, name=name, version=str(version))
+    return replace(_load_mlflow_folder(folder), name=name, version=str(version))
+
+def pyfunc_files(folder: Path) -> tuple[dict, str] | None:
+    """({artifact: path}, run id) of a logged DeepGuard pyfunc's folder, read from its `MLmodel`, when it has the
+    files `DetectorPyfunc.load_context` loads (model, metadata, threshold, exported graph); else None."""
+    import yaml
+    try:
+        mlmodel = yaml.safe_load((Path(folder) / "MLmodel").read_text()) or {}
+        artifacts = mlmodel["flavors"]["python_function"]["artifacts"]
+        files = {k: Path(folder) / v["path"] for k, v in artifacts.items()}
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    needed = ("model", "metadata", "threshold", "openvino_xml")
+    return (files, str(mlmodel.get("run_id") or "unknown")) if all(k in files and files[k].is_file() for k in needed) else None
 
 def _load_mlflow_folder(path: Path) -> LoadedDetector:
-    "A logged pyfunc's folder (MLmodel + artifacts), e.g. downloaded from the registry or baked into an image."
+    """A logged pyfunc's folder (MLmodel + artifacts), e.g. downloaded from the registry or baked into an image: its
+    files loaded as the pyfunc loads them, without importing MLflow; an older folder through `mlflow.pyfunc`."""
+    found = pyfunc_files(path)
+    if found:
+        files, run = found
+        return detector_from_files(files["model"], files["metadata"], files["threshold"], path.name, "run-" + run[:8],
+                                   graph=files["openvino_xml"])
     import mlflow
     try:
         model = mlflow.pyfunc.load_model(str(path))

@@ -6,8 +6,13 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -21,7 +26,7 @@ from .ingest import LABELS, QUARANTINE_COLUMNS, SPLITS, label_id
 
 # %% auto #0
 __all__ = ['SHORTCUT_FEATURES', 'dedupe', 'high_freq_energy', 'jpeg_quality_estimate', 'webp_history', 'shortcut_features',
-           'shortcut_audit', 'diffusion_card', 'data_card']
+           'shortcut_audit', 'diffusion_card', 'data_card', 'chain_row', 'chain_rows']
 
 # %% ../nbs/02_preprocess.ipynb #aec63528
 def dedupe(manifest: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -178,3 +183,45 @@ def data_card(manifest: pd.DataFrame, quarantine: pd.DataFrame, duplicates: int,
                   "diffusion sample, with frames of one video counted as several images.",
                   "- Use a real dataset (GenImage, 140k Real and Fake Faces, CIFAKE: see README) for any claim about detection."]
     return "\n".join(lines) + "\n"
+
+# %% ../nbs/02_preprocess.ipynb #e58a4671
+def chain_row(raw: Path, row: dict, params: dict, detector=None) -> dict:
+    """One manifest row through the face chain: `entry` (its processed-manifest row), `jpeg` (the stored crop) and
+    the shortcut statistics of the raw file and of the crop; or `bad`, why the file was refused."""
+    data = (Path(raw) / row["path"]).read_bytes()
+    try:
+        crop = face_chain(load_image(data), params, detector)
+    except InvalidImageError as err:
+        return dict(bad=dict(path=row["path"], reason=err.reason, message=str(err)))
+    webp = webp_history(SimpleNamespace(**row))
+    entry = dict(path=f"images/{row['split']}/{row['label']}/{Path(row['path']).stem}.jpg", label=row["label"],
+                 y=label_id(row["label"]), split=row["split"], source=row["source"], generator=row["generator"],
+                 license=row["license"], raw_path=row["path"], raw_sha256=row["sha256"], face_found=crop.face_found,
+                 face_size=crop.native_size, framing=round(crop.framing, 4), webp_history=webp,
+                 parent=row.get("parent", ""))
+    return dict(entry=entry, jpeg=crop.jpeg, raw_features=shortcut_features(data, crop.native_size, crop.framing, webp),
+                processed_features=shortcut_features(crop.jpeg, crop.native_size, crop.framing, webp))
+
+_WORKER: dict = {}
+
+def _start_worker(params: dict) -> None:
+    from threadpoolctl import threadpool_limits
+    _WORKER.update(limits=threadpool_limits(1), params=params, detector=face_detector(threads=1))
+
+def _chain_in_worker(task: tuple) -> dict:
+    return chain_row(*task, _WORKER["params"], _WORKER["detector"])
+
+def chain_rows(raw: Path, rows: list[dict], params: dict, workers: int = 0) -> Iterator[dict]:
+    """`chain_row` for every row, in order: in this process (`workers=1`) or spread over `workers` processes
+    (0: one per core), each with its own single-threaded detector. The results are the same either way."""
+    workers = check_param("workers", int(workers), low=0, high=256) or os.cpu_count() or 1
+    if workers == 1 or len(rows) < 2:
+        detector = face_detector()
+        yield from (chain_row(raw, row, params, detector) for row in rows)
+        return
+    from deepguard import preprocess as here    # workers find these by module name (also when run from the notebook)
+    context = multiprocessing.get_context("spawn")     # not fork: OpenVINO's thread pool does not survive it
+    with ProcessPoolExecutor(min(workers, len(rows)), mp_context=context, initializer=here._start_worker,
+                             initargs=(params,)) as pool:
+        yield from pool.map(here._chain_in_worker, [(raw, row) for row in rows], chunksize=8)
+

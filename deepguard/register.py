@@ -14,33 +14,15 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from .core import get_logger, load_image, project_root, resolve, write_json
+from .core import decode_image_b64, encode_image_b64, get_logger, load_image, project_root, resolve, write_json
 from .evaluate import pairwise_auc
 from .features import chunks
 
 # %% auto #0
-__all__ = ['encode_image_b64', 'decode_image_b64', 'decode_row', 'DetectorPyfunc', 'paired_auc_difference', 'gate',
-           'crop_probabilities', 'compare_with_champion', 'register_model']
+__all__ = ['decode_row', 'DetectorPyfunc', 'paired_auc_difference', 'gate', 'crop_probabilities', 'compare_with_champion',
+           'register_model']
 
 # %% ../nbs/07_register.ipynb #67ba4fba
-def encode_image_b64(data: bytes) -> str:
-    "Base64 text of an image file's bytes, the served model's input encoding."
-    return base64.b64encode(bytes(data)).decode("ascii")
-
-def decode_image_b64(index: int, text) -> tuple[bytes, "Image.Image"]:
-    "One base64 row to (file bytes, upright RGB image), or `InvalidImageError` naming the row (reason `not_base64` or the decoder's)."
-    from deepguard.core import InvalidImageError
-    if not isinstance(text, (str, bytes)):
-        raise InvalidImageError(f"row {index}: the image column must hold base64 text, got {type(text).__name__}", "not_base64")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (ValueError, TypeError) as err:
-        raise InvalidImageError(f"row {index}: the image column must hold base64 text ({err}).", "not_base64")
-    try:
-        return data, load_image(data)
-    except InvalidImageError as err:
-        raise InvalidImageError(f"row {index}: {err} (reason: {err.reason})", err.reason)
-
 def decode_row(index: int, text) -> "Image.Image":
     "One served row: base64 text to an RGB image, or an MlflowException (HTTP 400) that says which row and why."
     from mlflow.exceptions import MlflowException
@@ -55,7 +37,8 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from deepguard.predict import detector_from_files   # at load time: predict is the higher notebook
         self.detector = detector_from_files(context.artifacts["model"], context.artifacts["metadata"],
-                                            context.artifacts["threshold"], "pyfunc", "unknown")
+                                            context.artifacts["threshold"], "pyfunc", "unknown",
+                                            graph=context.artifacts.get("openvino_xml"))
 
     def predict(self, context, model_input, params=None):
         column = model_input["image"] if isinstance(model_input, pd.DataFrame) else pd.Series(model_input)
@@ -141,7 +124,8 @@ def register_model(model_path, threshold_path, metrics: dict, model_name: str, m
     with mlflow.start_run(run_name="register") as run:
         info = mlflow.pyfunc.log_model(
             name="detector", python_model=DetectorPyfunc(), signature=signature,
-            artifacts={"model": str(model_path), "metadata": str(metadata_path), "threshold": str(threshold_path)},
+            artifacts={"model": str(model_path), "metadata": str(metadata_path), "threshold": str(threshold_path),
+                       "openvino_xml": str(model_path.with_suffix(".xml")), "openvino_bin": str(model_path.with_suffix(".bin"))},
             code_paths=[str(project_root() / "deepguard")], registered_model_name=model_name,
             pip_requirements=_pinned_requirements())
         mlflow.set_tags({"train_run_id": metadata.get("mlflow_run_id", ""), "gate": reason})
@@ -166,8 +150,7 @@ def _example_png() -> bytes:
     return buffer.getvalue()
 
 def _pinned_requirements() -> list[str]:
-    "The serving environment: the installed versions of what the pyfunc imports."
+    "The serving environment: the installed versions of what the pyfunc imports (no TensorFlow: it answers from the IR)."
     from importlib.metadata import version
     return [f"{name}=={version(name)}" for name in
-            ("mlflow", "tensorflow-cpu", "keras", "openvino", "mtcnn", "pillow", "numpy", "pandas", "pyyaml",
-             "scikit-learn")]
+            ("mlflow", "openvino", "mtcnn", "joblib", "lz4", "pillow", "numpy", "pandas", "pyyaml", "scikit-learn")]

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .core import DeepGuardError, InvalidImageError, get_logger, load_image
-from .register import decode_image_b64   # the pyfunc's row decoder: the same messages and reasons
+from .core import decode_image_b64   # the pyfunc's row decoder: the same messages and reasons
 
 # %% auto #0
 __all__ = ['BODY_LIMITS', 'LATENCY_BUCKETS', 'BATCH_BUCKETS', 'PROBABILITY_BUCKETS', 'DEFAULT_SERVING', 'SERVE_DEFAULTS',
@@ -242,7 +242,7 @@ class DetectorRuntime(MLModel):
         return True
 
 # %% ../nbs/11_serving.ipynb #a1f0c019
-SERVE_DEFAULTS = dict(host="127.0.0.1", port=8080, grpc_port=8081, metrics_port=8082, workers=2,
+SERVE_DEFAULTS = dict(host="127.0.0.1", port=8080, grpc_port=8081, metrics_port=8082, workers=1,
                       max_batch_size=16, max_batch_time=0.01, **DEFAULT_SERVING, **BODY_LIMITS)
 
 def server_settings(model: str, **overrides) -> tuple:

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .core import DeepGuardError
-from .ingest import IMAGE_SUFFIXES
+from .core import IMAGE_SUFFIXES
 
 # %% auto #0
 __all__ = ['PREDICTION_SCHEMA', 'spark_session', 'image_glob', 'image_frame', 'image_error', 'score_frame', 'score_location']
@@ -55,7 +55,7 @@ def image_frame(spark, location: str):
 def image_error(images):
     "Per row: None for an image the pyfunc can decode, else the reason it cannot (the pyfunc's own message)."
     from deepguard.core import InvalidImageError
-    from deepguard.register import decode_image_b64
+    from deepguard.core import decode_image_b64
     def check(text):
         try:
             decode_image_b64(0, text)
