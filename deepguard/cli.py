@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .core import DeepGuardError, InvalidImageError, load_image
+from .core import DeepGuardError, InvalidImageError, load_image, redact
 from .core import IMAGE_SUFFIXES
 
 # %% auto #0
-__all__ = ['TABLE_COLUMNS', 'expand_paths', 'format_row', 'json_row', 'build_parser', 'classify_command', 'main',
+__all__ = ['TABLE_COLUMNS', 'COMMANDS', 'expand_paths', 'format_row', 'json_row', 'build_parser', 'classify_command', 'main',
            'export_command', 'serve_command', 'spark_command', 'console', 'summary_lines', 'summary_command']
 
 # %% ../nbs/10_cli.ipynb #4b80cef9
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=int, default=None, dest="inference_threads", help="inference threads per process (default 1)")
     v.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default 20,000,000)")
     v.add_argument("--body-timeout", type=float, default=None, help="seconds to receive a request body before 408 (default 30)")
+    v.add_argument("--max-images", type=int, default=None, help="images in one request; more get 413 (default 64)")
+    v.add_argument("--max-request-pixels", type=int, default=None,
+                   help="pixels the images of one request may declare; more get 413 (default 64,000,000)")
+    v.add_argument("--max-json-depth", type=int, default=None, help="JSON nesting depth; deeper gets 400 (default 32)")
     b = commands.add_parser("spark-score", help="Score a folder or bucket of images on Apache Spark (the registered model).",
                             description="Score every image under LOCATION with the registered model on Spark "
                                         "(mlflow.pyfunc.spark_udf); one answer row per file, bad files with their reason.")
@@ -107,6 +111,10 @@ def classify_command(args, out=None, err=None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         print(f"deepguard: --threshold must be within [0, 1], got {args.threshold}", file=err)
+        return 2
+    missing = [name for name in args.paths if not Path(name).exists()]
+    if missing:
+        print("deepguard: no such file or folder: " + ", ".join(missing), file=err)
         return 2
     files = list(expand_paths(args.paths, args.recursive))
     if not files:
@@ -142,20 +150,22 @@ def classify_command(args, out=None, err=None) -> int:
         print(f"deepguard: {failed} of {len(files)} file(s) could not be classified", file=err)
     return 1 if failed else 0
 
+COMMANDS = {"classify": "classify_command", "summary": "summary_command", "serve": "serve_command",
+            "spark-score": "spark_command", "export": "export_command"}
+
 def main(argv: Sequence[str] | None = None) -> int:
-    "Entry point of the `deepguard` console script."
+    """Entry point of the `deepguard` console script. An error nobody expected still ends with a message and exit
+    code 1, and its traceback goes through `redact`: a password in a tracking URI is never printed."""
     args = build_parser().parse_args(argv)
-    if args.command == "classify":
-        return classify_command(args)
-    if args.command == "summary":
-        return summary_command(args)
-    if args.command == "serve":
-        return serve_command(args)
-    if args.command == "spark-score":
-        return spark_command(args)
-    if args.command == "export":
-        return export_command(args)
-    return 2
+    try:
+        return globals()[COMMANDS[args.command]](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        import traceback
+        print(redact(traceback.format_exc()), file=sys.stderr)
+        print(f"deepguard {args.command}: unexpected {type(error).__name__}: {redact(error)}"[:600], file=sys.stderr)
+        return 1
 
 def export_command(args, out=None, err=None) -> int:
     "Export a model's IR; 2 with a message when the model or its metadata is missing or TensorFlow is not installed."
@@ -183,7 +193,8 @@ def serve_command(args, err=None) -> int:
               workers=args.workers,
               max_batch_size=args.max_batch_size, max_batch_time=args.max_batch_time,
               inference_threads=args.inference_threads, max_body_bytes=args.max_body_bytes,
-              body_timeout=args.body_timeout)
+              body_timeout=args.body_timeout, max_images=args.max_images,
+              max_request_pixels=args.max_request_pixels, max_json_depth=args.max_json_depth)
     except (ValueError, DeepGuardError) as error:
         print(f"deepguard serve: {error}", file=err)
         return 2

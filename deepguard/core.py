@@ -22,10 +22,11 @@ import yaml
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['RUNTIMES', 'IMAGE_SUFFIXES', 'MAX_PIXELS', 'MIN_SIDE', 'ImageSource', 'DeepGuardError', 'ParamsError',
-           'DataLayoutError', 'InvalidImageError', 'project_root', 'resolve', 'load_params', 'check_param', 'as_bool',
-           'inference_runtime', 'openvino_config', 'seed_everything', 'get_logger', 'write_json', 'file_sha256',
-           'git_commit', 'to_rgb', 'load_image', 'encode_image_b64', 'decode_image_b64', 'mlflow_setup']
+__all__ = ['RUNTIMES', 'IMAGE_SUFFIXES', 'MAX_PIXELS', 'MIN_SIDE', 'MAX_FILE_BYTES', 'ImageSource', 'DeepGuardError',
+           'ParamsError', 'DataLayoutError', 'InvalidImageError', 'project_root', 'resolve', 'load_params',
+           'check_param', 'as_bool', 'inference_runtime', 'openvino_config', 'seed_everything', 'get_logger',
+           'write_json', 'file_sha256', 'git_commit', 'to_rgb', 'load_image', 'encode_image_b64', 'decode_image_b64',
+           'mlflow_setup', 'redact']
 
 # %% ../nbs/00_core.ipynb #96e9f324
 class DeepGuardError(Exception):
@@ -168,6 +169,7 @@ def git_commit(root: Union[str, Path, None] = None) -> str:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}   # what folder scans pick up
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger inputs are treated as decompression bombs
 MIN_SIDE = 16            # smaller images carry too little signal to classify
+MAX_FILE_BYTES = 256_000_000  # a larger file is refused before it is read (a 40 MP 16-bit RGBA PNG is 320 MB raw, far less stored)
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, BinaryIO, Image.Image, np.ndarray]
 
@@ -180,6 +182,12 @@ def _read_bytes(src) -> bytes:
             raise InvalidImageError(f"{path}: file not found.", reason="missing")
         if path.is_dir():
             raise InvalidImageError(f"{path}: is a folder, not an image file.", reason="not_image")
+        if not path.is_file():       # a FIFO, socket or device: reading it could block forever or never end
+            raise InvalidImageError(f"{path}: not a regular file.", reason="not_file")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise InvalidImageError(f"{path}: {size:,} bytes is over the limit of {MAX_FILE_BYTES:,} for an image file.",
+                                    reason="too_large")
         return path.read_bytes()
     if hasattr(src, "read"):
         return src.read()
@@ -283,3 +291,11 @@ def mlflow_setup(experiment: str = "deepguard", root: Union[str, Path, None] = N
         mlflow.create_experiment(experiment, artifact_location=(root / "mlruns").as_uri() if local else None)
     mlflow.set_experiment(experiment)
     return uri
+
+# %% ../nbs/00_core.ipynb #c8d2e0b2
+import re as _re
+_USERINFO = _re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+
+def redact(text: str) -> str:
+    "`text` with the user and password of every URL in it replaced by `***`."
+    return _USERINFO.sub(lambda m: m["scheme"] + "***@", str(text))

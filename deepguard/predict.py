@@ -83,10 +83,23 @@ class LoadedDetector:
 IDENTITY_CALIBRATION = dict(slope=1.0, centre_logit=0.0)
 
 def read_decision(threshold_path) -> dict:
-    "The evaluate stage's `threshold.json` (threshold and calibration); without one, threshold 0.5 and no calibration."
+    """The evaluate stage's `threshold.json`: the decision threshold and the calibration. A model without it, or with
+    an incomplete one, is refused: answering on raw scores with a 0.5 cut would flip labels without a word."""
     path = Path(threshold_path)
-    decision = json.loads(path.read_text()) if path.is_file() else {"threshold": 0.5}
-    return {**decision, "calibration": decision.get("calibration", IDENTITY_CALIBRATION)}
+    if not path.is_file():
+        raise DeepGuardError(f"{path}: no decision threshold and calibration for this model (the evaluate stage writes "
+                             "them). Run `dvc repro evaluate` (or wait for the running one to finish); a model is never "
+                             "answered uncalibrated.")
+    try:
+        decision = json.loads(path.read_text())
+        threshold, calibration = float(decision["threshold"]), decision["calibration"]
+        calibration = dict(slope=float(calibration["slope"]), centre_logit=float(calibration["centre_logit"]))
+    except (ValueError, KeyError, TypeError) as err:
+        raise DeepGuardError(f"{path}: incomplete or unreadable ({type(err).__name__}: {err}); it needs `threshold` and "
+                             "`calibration` {slope, centre_logit}. Re-run `dvc repro evaluate`.") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise DeepGuardError(f"{path}: threshold {threshold} is not within [0, 1]. Re-run `dvc repro evaluate`.")
+    return {**decision, "threshold": threshold, "calibration": calibration}
 
 def _compile(model, input_size: int, calibration: dict = IDENTITY_CALIBRATION):
     "One graph for every batch size: the calibrated P(fake) = sigmoid(slope * (model logit - centre))."
@@ -186,14 +199,17 @@ def _load_local(path: Path) -> LoadedDetector:
 def _load_registry(uri: str) -> LoadedDetector:
     import mlflow
     from mlflow import MlflowClient
-    from deepguard.core import mlflow_setup
+    from deepguard.core import mlflow_setup, redact
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
     try:
         tracking = mlflow_setup()
     except DeepGuardError:           # outside a project: only MLFLOW_TRACKING_URI can say where the registry is
-        tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
         if not tracking:
             raise DeepGuardError(f"Cannot resolve {uri}: not inside a DeepGuard project and MLFLOW_TRACKING_URI is unset.")
         mlflow.set_tracking_uri(tracking)
+    except Exception as err:         # an unreachable or refusing tracking server; its URI may hold a password
+        raise DeepGuardError(f"Could not reach the MLflow tracking server at {redact(tracking)}: "
+                             f"{type(err).__name__}: {redact(err)}"[:600]) from None
     name, _, ref = uri[len("models:/"):].partition("@")
     client = MlflowClient()
     try:
@@ -203,8 +219,8 @@ def _load_registry(uri: str) -> LoadedDetector:
             name, _, version = uri[len("models:/"):].partition("/")
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
     except Exception as err:
-        raise DeepGuardError(f"Could not load {uri} from the MLflow registry at {tracking}: {err}. "
-                             "Run `make pipeline` (its register stage fills the registry) or pass model=...") from err
+        raise DeepGuardError(f"Could not load {uri} from the MLflow registry at {redact(tracking)}: {redact(err)}"[:600]
+                             + ". Run `make pipeline` (its register stage fills the registry) or pass model=...") from None
     return replace(_load_mlflow_folder(folder), name=name, version=str(version))
 
 def pyfunc_files(folder: Path) -> tuple[dict, str] | None:

@@ -9,30 +9,20 @@ import asyncio
 import json
 import os
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .core import DeepGuardError, InvalidImageError, get_logger, load_image
 from .core import decode_image_b64   # the pyfunc's row decoder: the same messages and reasons
+from .gateway import LATENCY_BUCKETS, LIMITS, RequestError, receive_body, serving_limits
 
 # %% auto #0
-__all__ = ['BODY_LIMITS', 'LATENCY_BUCKETS', 'BATCH_BUCKETS', 'PROBABILITY_BUCKETS', 'DEFAULT_SERVING', 'SERVE_DEFAULTS',
-           'RequestError', 'image_column', 'decode_images', 'read_body', 'body_limits', 'limited_body',
-           'serving_metrics', 'DetectorRuntime', 'server_settings', 'serve']
+__all__ = ['BATCH_BUCKETS', 'PROBABILITY_BUCKETS', 'DEFAULT_SERVING', 'LOAD_WAIT', 'SERVE_DEFAULTS', 'image_column',
+           'decode_images', 'limited_body', 'serving_metrics', 'DetectorRuntime', 'server_settings', 'keep_counters',
+           'reap_workers', 'DeepGuardServer', 'serve']
 
 # %% ../nbs/11_serving.ipynb #a1f0c007
-class RequestError(DeepGuardError):
-    "A request the server refuses: HTTP `status`, a short stable `reason`, and a message for the client."
-    def __init__(self, status: int, reason: str, message: str):
-        super().__init__(message)
-        self.status, self.reason = status, reason
-
-    def body(self) -> dict:
-        code = {400: "INVALID_PARAMETER_VALUE", 408: "REQUEST_TIMEOUT", 413: "REQUEST_TOO_LARGE"}.get(self.status, "INTERNAL_ERROR")
-        return {"error_code": code, "message": str(self), "reason": self.reason}
-
 def image_column(body: bytes, content_type: str = "application/json") -> list:
     "The base64 texts of an MLflow scoring request, in row order; `RequestError` (400) for anything else."
     from mlflow.exceptions import MlflowException
@@ -67,40 +57,16 @@ def decode_images(texts: list) -> tuple[list[bytes], list]:
     return [data for data, _ in decoded], [image for _, image in decoded]
 
 # %% ../nbs/11_serving.ipynb #a1f0c011
-async def read_body(request, max_bytes: int, timeout: float) -> bytes:
-    "The request body, or `RequestError` 413 (over `max_bytes`) / 408 (not received within `timeout` s)."
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise RequestError(413, "body_too_large", f"request body of {int(declared):,} bytes is over the limit of {max_bytes:,}")
-    async def collect():
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise RequestError(413, "body_too_large", f"request body is over the limit of {max_bytes:,} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-    try:
-        return await asyncio.wait_for(collect(), timeout)
-    except asyncio.TimeoutError:
-        raise RequestError(408, "body_timeout", f"the request body did not arrive within {timeout:g} s")
-
-BODY_LIMITS = dict(max_body_bytes=20_000_000, body_timeout=30.0)   # DEEPGUARD_MAX_BODY_BYTES, DEEPGUARD_BODY_TIMEOUT
-
-def body_limits() -> tuple[int, float]:
-    "(max bytes, seconds) for a request body: the environment's DEEPGUARD_MAX_BODY_BYTES / DEEPGUARD_BODY_TIMEOUT, else `BODY_LIMITS`."
-    return (int(os.environ.get("DEEPGUARD_MAX_BODY_BYTES") or BODY_LIMITS["max_body_bytes"]),
-            float(os.environ.get("DEEPGUARD_BODY_TIMEOUT") or BODY_LIMITS["body_timeout"]))
-
 async def limited_body(request: "Request") -> dict:
     "FastAPI dependency of `/invocations`, run in the server's main process: {'body': bytes} or {'error': (status, reason, message)}."
+    limits = serving_limits()
     try:
-        return {"body": await read_body(request, *body_limits())}
+        return {"body": await receive_body(request.headers.get("content-length"), request.receive,
+                                           limits["max_body_bytes"], limits["body_timeout"])}
     except RequestError as err:
         return {"error": (err.status, err.reason, str(err))}
 
 # %% ../nbs/11_serving.ipynb #a1f0c014
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 PROBABILITY_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 
@@ -110,9 +76,6 @@ def serving_metrics(registry=None) -> dict:
     if registry is None:                 # the registry MLServer's /metrics serves when it runs in one process
         from prometheus_client import REGISTRY as registry
     spec = {
-        "requests": (Counter, "deepguard_requests_total", "/invocations requests by outcome (ok, bad_request, too_large, timeout, error)", ["outcome"], {}),
-        "errors": (Counter, "deepguard_errors_total", "refused or failed requests by reason", ["reason"], {}),
-        "latency": (Histogram, "deepguard_request_latency_seconds", "/invocations latency, body received to answer ready", [], {"buckets": LATENCY_BUCKETS}),
         "batch": (Histogram, "deepguard_batch_size", "images per model call after adaptive batching", [], {"buckets": BATCH_BUCKETS}),
         "probability": (Histogram, "deepguard_probability_fake", "served calibrated P(fake)", [], {"buckets": PROBABILITY_BUCKETS}),
         "predictions": (Counter, "deepguard_predictions_total", "served answers by label and whether a face was found", ["label", "face_found"], {}),
@@ -143,8 +106,19 @@ def _from_text(text: str) -> bytes:
 
 DEFAULT_SERVING = dict(inference_threads=1)
 
+LOAD_WAIT = 300.0      # seconds a request that reached a worker still loading its model waits for it
+
 class DetectorRuntime(MLModel):
     "MLServer runtime around the one `LoadedDetector`: V2 `predict` (batched) and MLflow's `/invocations`."
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.loaded = asyncio.Event()   # a restarted worker can be sent requests before its model has loaded
+
+    async def until_loaded(self) -> None:
+        "Wait for `load` to finish (at most `LOAD_WAIT` s), so an early request waits instead of failing."
+        if not self.loaded.is_set():
+            await asyncio.wait_for(self.loaded.wait(), LOAD_WAIT)
 
     async def load(self) -> bool:
         from deepguard.predict import load_detector
@@ -152,13 +126,12 @@ class DetectorRuntime(MLModel):
         if params is None or not params.uri:
             raise DeepGuardError("DetectorRuntime needs parameters.uri: a models:/ URI, an MLflow model folder or a .keras file")
         extra = {**DEFAULT_SERVING, **(params.extra or {})}
+        self.limits = serving_limits()
         self.pool = ThreadPoolExecutor(max_workers=int(extra["inference_threads"]), thread_name_prefix="deepguard")
         self.detector = await asyncio.get_running_loop().run_in_executor(self.pool, load_detector, params.uri)
         self.metrics = serving_metrics()
         self.labels = (self.detector.name, self.detector.version)
         # every known label value exists from the start at 0, so rates and ratios are 0, not "no data"
-        for outcome in ("ok", "bad_request", "too_large", "timeout", "error"):
-            self.metrics["requests"].labels(*self.labels, outcome)
         for label in ("FAKE", "REAL"):
             for face in ("true", "false"):
                 self.metrics["predictions"].labels(*self.labels, label, face)
@@ -167,24 +140,37 @@ class DetectorRuntime(MLModel):
         from PIL import Image
         await asyncio.get_running_loop().run_in_executor(self.pool, self.detector.score, [Image.new("RGB", (160, 160), (128, 128, 128))])
         get_logger("serving").info("loaded %s version %s from %s", *self.labels, params.uri)
+        self.loaded.set()
         return True
 
     def _score(self, files: list[bytes]) -> dict:
-        "Decode and classify file bytes; a row that cannot be decoded gets an error instead of a probability."
-        images, keep, errors = [], [], [""] * len(files)
+        """Decode and classify file bytes, holding at most `max_request_pixels` decoded pixels (and one image) at a
+        time; a row that cannot be decoded gets an error instead of a probability."""
+        n, budget = len(files), self.limits["max_request_pixels"]
+        out_p, out_face, errors = np.full(n, np.nan), np.zeros(n, bool), [""] * n
+        pending, held = [], 0
+        def flush():
+            probs, crops = self.detector.score([image for _, image in pending])
+            for (i, _), p, crop in zip(pending, probs, crops):
+                out_p[i], out_face[i] = p, crop.face_found
+            pending.clear()
         for i, data in enumerate(files):
             try:
-                images.append(load_image(data)); keep.append(i)
+                image = load_image(data)
             except InvalidImageError as err:
                 errors[i] = f"{err} (reason: {err.reason})"
-        probs, crops = self.detector.score(images)
-        out_p, out_face = np.full(len(files), np.nan), np.zeros(len(files), bool)
-        out_p[keep], out_face[keep] = probs, [c.face_found for c in crops]
+                continue
+            if pending and held + image.width * image.height > budget:
+                flush(); held = 0
+            pending.append((i, image)); held += image.width * image.height
+        if pending:
+            flush()
         labels = np.where(out_p >= self.detector.threshold, "FAKE", "REAL")
         labels[[e != "" for e in errors]] = ""
         return dict(probability_fake=out_p, label=labels, face_found=out_face, error=errors)
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        await self.until_loaded()
         files = [x if isinstance(x, bytes) else _from_text(x) for inp in payload.inputs if inp.name == "image" for x in inp.data]
         self.metrics["batch"].labels(*self.labels).observe(len(files))
         result = await asyncio.get_running_loop().run_in_executor(self.pool, self._score, files)
@@ -200,9 +186,9 @@ class DetectorRuntime(MLModel):
 
     @custom_handler(rest_path="/invocations")
     async def invocations(self, received: dict = Depends(limited_body), content_type: str = Header(default="application/json")):
-        "MLflow's scoring protocol through `predict`; 400/408/413 with a JSON reason."
+        "MLflow's scoring protocol through `predict`; 400/408/413 with a JSON reason (counted by the front door)."
         from fastapi.responses import JSONResponse
-        start = time.perf_counter()
+        await self.until_loaded()
         try:
             if "error" in received:
                 raise RequestError(*received["error"])
@@ -212,14 +198,9 @@ class DetectorRuntime(MLModel):
             with model_context(self.settings):       # what MLServer's data plane does around a V2 call
                 answer = await self.predict(v2)
         except RequestError as err:
-            outcome = {413: "too_large", 408: "timeout"}.get(err.status, "bad_request")
-            self.metrics["requests"].labels(*self.labels, outcome).inc()
-            self.metrics["errors"].labels(*self.labels, err.reason).inc()
             return JSONResponse(err.body(), status_code=err.status)
-        except Exception as err:  # a bug or an exhausted machine: a 500 that says so, counted, never a hang
+        except Exception as err:  # a bug or an exhausted machine: a 500 that says so, never a hang
             get_logger("serving").exception("invocation failed")
-            self.metrics["requests"].labels(*self.labels, "error").inc()
-            self.metrics["errors"].labels(*self.labels, "internal").inc()
             return JSONResponse({"error_code": "INTERNAL_ERROR", "message": f"{type(err).__name__}: {err}"[:500],
                                  "reason": "internal"}, status_code=500)
         outputs = {o.name: o for o in answer.outputs}
@@ -228,13 +209,12 @@ class DetectorRuntime(MLModel):
         faces = NumpyCodec.decode_output(outputs["face_found"]).ravel()
         predictions = [{"probability_fake": float(p), "label": str(l), "face_found": bool(f)}
                        for p, l, f in zip(probs, labels, faces)]
-        self.metrics["requests"].labels(*self.labels, "ok").inc()
-        self.metrics["latency"].labels(*self.labels).observe(time.perf_counter() - start)
         return JSONResponse({"predictions": predictions})
 
     @custom_handler(rest_path="/ping", rest_method="GET")
     async def ping(self) -> str:
-        "MLflow's health path (MLServer's own: /v2/health/ready)."
+        "MLflow's health path, and the front door's readiness probe: answered by a worker that holds the model."
+        await self.until_loaded()
         return "\n"
 
     async def unload(self) -> bool:
@@ -243,7 +223,7 @@ class DetectorRuntime(MLModel):
 
 # %% ../nbs/11_serving.ipynb #a1f0c019
 SERVE_DEFAULTS = dict(host="127.0.0.1", port=8080, grpc_port=8081, metrics_port=8082, workers=1,
-                      max_batch_size=16, max_batch_time=0.01, **DEFAULT_SERVING, **BODY_LIMITS)
+                      max_batch_size=16, max_batch_time=0.01, **DEFAULT_SERVING, **LIMITS)
 
 def server_settings(model: str, **overrides) -> tuple:
     "(MLServer `Settings`, [`ModelSettings`]) for serving `model` with `SERVE_DEFAULTS` updated by `overrides`."
@@ -252,17 +232,19 @@ def server_settings(model: str, **overrides) -> tuple:
     if unknown:
         raise ValueError(f"unknown serving settings {sorted(unknown)}; known: {sorted(SERVE_DEFAULTS)}")
     s = {**SERVE_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    limits = serving_limits(**{k: overrides.get(k) for k in LIMITS})
     ports = [s["port"], s["grpc_port"], s["metrics_port"]]
     if len(set(ports)) != 3 or not all(0 < int(p) < 65536 for p in ports):
         raise ValueError(f"REST, gRPC and metrics ports must be three different ports in 1..65535, got {ports}")
     if int(s["max_batch_size"]) < 1 or float(s["max_batch_time"]) < 0:
         raise ValueError("max_batch_size must be >= 1 and max_batch_time >= 0 (seconds)")
-    if int(s["workers"]) < 0 or int(s["inference_threads"]) < 1 or int(s["max_body_bytes"]) < 1 or float(s["body_timeout"]) <= 0:
-        raise ValueError("workers must be >= 0 (0: inference in the server process), threads >= 1, body limits > 0")
+    if int(s["workers"]) < 0 or int(s["inference_threads"]) < 1:
+        raise ValueError("workers must be >= 0 (0: inference in the server process) and threads >= 1")
     scratch = tempfile.mkdtemp(prefix="deepguard-serve-")     # workers' metrics and MLServer's env folder: never cwd
     settings = Settings(host=s["host"], http_port=int(s["port"]), grpc_port=int(s["grpc_port"]),
                         metrics_port=int(s["metrics_port"]), parallel_workers=int(s["workers"]), debug=False,
                         metrics_dir=os.path.join(scratch, "metrics"), environments_dir=os.path.join(scratch, "envs"),
+                        grpc_max_message_length=limits["max_body_bytes"],
                         load_models_at_startup=False, model_repository_root="/nonexistent-deepguard-models")
     model_settings = ModelSettings(
         name="deepguard", implementation=DetectorRuntime,
@@ -270,13 +252,56 @@ def server_settings(model: str, **overrides) -> tuple:
         parameters=ModelParameters(uri=str(model), extra={k: s[k] for k in DEFAULT_SERVING}))
     return settings, [model_settings]
 
+async def keep_counters(worker) -> None:
+    "On a worker's death: its live gauges go (prometheus_client's `mark_process_dead`), its counters stay in the sums."
+    from prometheus_client.multiprocess import mark_process_dead
+    if worker.pid:
+        mark_process_dead(worker.pid)
+
+from mlserver import MLServer
+from mlserver.grpc import GRPCServer
+
+class _GuardedGRPCServer(GRPCServer):
+    "MLServer's gRPC server with `grpc_guard` first among the interceptors it builds its server with."
+    guard = None
+    @property
+    def _interceptors(self):
+        return self.__dict__["_deepguard_interceptors"]
+    @_interceptors.setter
+    def _interceptors(self, value):
+        self.__dict__["_deepguard_interceptors"] = [self.guard, *value]
+
+async def reap_workers(registry) -> None:
+    """Report every inference worker that is no longer alive to its pool, which takes it out of the rotation and
+    starts another. MLServer's own SIGCHLD handler reaps one child per signal with `waitpid(-1)`; signals coalesce,
+    and starting the replacement process reaps other dead children quietly (multiprocessing's `_cleanup`), so of
+    two workers killed at once one stayed in the rotation, and the requests sent to it waited forever."""
+    for pool in [registry._default_pool, *registry._pools.values()]:
+        for pid, worker in list(pool._workers.items()):
+            if not worker.is_alive() and worker.exitcode != 0:
+                await pool.on_worker_stop(pid, worker.exitcode)
+
+class DeepGuardServer(MLServer):
+    "MLServer with DeepGuard's front door on REST and gRPC; dead workers all restarted, and their counters kept."
+    def __init__(self, settings, limits: dict | None = None):
+        super().__init__(settings)
+        import signal
+        from deepguard.gateway import Gateway, gateway_metrics, grpc_guard
+        limits = limits or serving_limits()
+        registry = self._inference_pool_registry
+        if registry is not None:
+            registry._on_worker_stop[:] = [keep_counters]      # the hook list every inference pool shares
+            signal.signal(signal.SIGCHLD, lambda *_: asyncio.create_task(reap_workers(registry)))
+        self._rest_server._app.add_middleware(Gateway, limits=limits, metrics=gateway_metrics())
+        self._grpc_server.__class__ = _GuardedGRPCServer
+        self._grpc_server.guard = grpc_guard(limits)
+
 def serve(model: str, **overrides) -> None:
     "Run the model server in the foreground until SIGINT/SIGTERM."
-    from mlserver import MLServer
     settings, models = server_settings(model, **overrides)
-    limits = {**BODY_LIMITS, **{k: v for k, v in overrides.items() if k in BODY_LIMITS and v is not None}}
-    os.environ["DEEPGUARD_MAX_BODY_BYTES"] = str(int(limits["max_body_bytes"]))
-    os.environ["DEEPGUARD_BODY_TIMEOUT"] = str(float(limits["body_timeout"]))
+    limits = serving_limits(**{k: overrides.get(k) for k in LIMITS})
+    for key, value in limits.items():       # the workers, started later, read them from the environment
+        os.environ["DEEPGUARD_" + key.upper()] = str(value)
     async def run():           # MLServer installs its signal handlers on the running loop
-        await MLServer(settings).start(models)
+        await DeepGuardServer(settings, limits).start(models)
     asyncio.run(run())

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import MAX_BODY, post
+from conftest import MAX_BODY, answers_ok, post
 from deepguard.predict import classify
 from test_predict import ALL_BAD_FILES
 from test_data import ODD_BUT_VALID
@@ -89,7 +89,43 @@ def test_metrics_move(server, test_files):
     assert grew("deepguard_request_latency_seconds_count") == 1
     assert grew("deepguard_predictions_total") == 2
     assert grew("deepguard_probability_fake_count") == 2 and grew("deepguard_batch_size_sum") == 2
-    assert all('model_version="' in key for key in after)
+    runtime = [k for k in after if k.split("{")[0] in ("deepguard_predictions_total", "deepguard_model_info")]
+    assert runtime and all('model_version="' in key for key in runtime)          # the runtime's: per model version
+    front = [k for k in after if k.split("{")[0] == "deepguard_requests_total"]
+    assert front and all('route="' in key for key in front)                    # the front door's: per route
+    assert grew("deepguard_requests_total", route="v2_infer") == 0
+
+
+def test_v2_is_counted_too(server, test_files):
+    before = metrics(server["metrics"])
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(test_files[0].read_bytes())]}]}
+    assert post(server["base"] + "/v2/models/deepguard/infer", body)[0] == 200
+    assert post(server["base"] + "/v2/models/deepguard/infer", b"[" * 100 + b"]" * 100)[0] == 400
+    after = metrics(server["metrics"])
+    grew = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)
+    assert grew("deepguard_requests_total", route="v2_infer", outcome="ok") == 1
+    assert grew("deepguard_errors_total", route="v2_infer", reason="too_deep") == 1
+
+
+def test_admin_routes_are_off_without_a_token(server, test_files):
+    "The server has no DEEPGUARD_ADMIN_TOKEN: unload, load and index are 403, and the model keeps answering."
+    for route in ("models/deepguard/unload", "models/deepguard/load", "index"):
+        status, body = post(server["base"] + "/v2/repository/" + route, {})
+        assert status == 403 and body["reason"] == "admin_disabled", body
+    assert answers_ok(server["base"] + "/v2/health/ready") and answers_ok(server["base"] + "/v2/models/deepguard/ready")
+    assert post(server["base"] + "/invocations", {"inputs": {"image": [b64(test_files[0].read_bytes())]}})[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/invocations", "/v2/models/deepguard/infer"])
+def test_limits_on_both_routes(server, path):
+    "Deep JSON is a 400 (not a 500), more than max_images rows a 413, on MLflow's route and V2's alike."
+    status, body = post(server["base"] + path, b'{"inputs": ' + b"[" * 1000 + b"]" * 1000 + b"}")
+    assert status == 400 and body["reason"] == "too_deep", body
+    tiny = b64(b"x")
+    many = ({"inputs": {"image": [tiny] * 65}} if path == "/invocations" else
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [65], "data": [tiny] * 65}]})
+    status, body = post(server["base"] + path, many)
+    assert status == 413 and body["reason"] == "too_many_images", body
 
 
 @pytest.mark.parametrize("name", sorted(ALL_BAD_FILES))
@@ -118,11 +154,12 @@ def test_bad_requests_are_400s_that_say_why(server, body, content_type, reason):
     assert status == 400 and answer["reason"] == reason, answer
 
 
-def test_oversized_body_is_413(server):
+@pytest.mark.parametrize("path", ["/invocations", "/v2/models/deepguard/infer"])
+def test_oversized_body_is_413(server, path):
     # refused on its Content-Length, before the body is read: the client sends only the headers and a first piece
     # (a client still writing 1 MB when the server answers and closes can get a broken pipe instead of the 413)
     with socket.create_connection(("127.0.0.1", server["port"]), timeout=60) as raw:
-        raw.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        raw.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
                     + f"Content-Length: {MAX_BODY + 10}\r\n\r\n".encode() + b'{"inputs": {"image": ["' + b"A" * 1000)
         reply = b""
         while b"}" not in reply.partition(b"\r\n\r\n")[2]:
@@ -135,7 +172,7 @@ def test_oversized_body_is_413(server):
     # a chunked upload declares no length: refused while it streams in
     conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
     chunks = (b'{"inputs": {"image": ["' + b"A" * 100_000 for _ in range(MAX_BODY // 100_000 + 2))
-    conn.request("POST", "/invocations", body=chunks, headers={"Content-Type": "application/json"}, encode_chunked=True)
+    conn.request("POST", path, body=chunks, headers={"Content-Type": "application/json"}, encode_chunked=True)
     response = conn.getresponse()
     assert response.status == 413 and json.loads(response.read())["reason"] == "body_too_large"
     conn.close()
