@@ -345,4 +345,10 @@ d = { 'settings': { 'branch': 'main',
                                  'deepguard.train.plot_history': ('train.html#plot_history', 'deepguard/train.py'),
                                  'deepguard.train.save_model_atomically': ('train.html#save_model_atomically', 'deepguard/train.py'),
                                  'deepguard.train.train_two_phase': ('train.html#train_two_phase', 'deepguard/train.py'),
-                                 'deepguard.train.unfreeze_top': ('train.html#unfreeze_top', 'deepguard/train.py')}}}
+                                 'deepguard.train.unfreeze_top': ('train.html#unfreeze_top', 'deepguard/train.py')},
+            'deepguard.visitors': { 'deepguard.visitors.CappedKernelManager': ( 'visitors.html#cappedkernelmanager',
+                                                                                'deepguard/visitors.py'),
+                                    'deepguard.visitors.CappedKernelManager.__init__': ( 'visitors.html#cappedkernelmanager.__init__',
+                                                                                         'deepguard/visitors.py'),
+                                    'deepguard.visitors.CappedKernelManager.start_kernel': ( 'visitors.html#cappedkernelmanager.start_kernel',
+                                                                                             'deepguard/visitors.py')}}}

@@ -271,3 +271,88 @@ def test_chaos(chaos, tiny_project):
     time.sleep(1)
     status, body = call(base + "/v2/health/ready")
     assert (status, body.get("reason")) == (503, "the model is not loaded"), body
+
+
+# The dashboard: 20 visitors at once against a cap of 3 kernels, culled after 5 idle seconds.
+MAX_KERNELS = 3
+KERNEL_RSS_BOUND = 600_000_000     # bytes per visitor's kernel before any upload (measured ~300 MB)
+
+
+@pytest.fixture(scope="module")
+def dashboard(tiny_project):
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    for key in ("DEEPGUARD_ROOT", "MLFLOW_TRACKING_URI", "DEEPGUARD_MODEL"):
+        env.pop(key, None)
+    cmd = [str(BIN / "voila"), "app/dashboard.ipynb", "--Voila.config_file_paths=app", "--Voila.ip=127.0.0.1",
+           f"--port={port}", "--no-browser", f"--CappedKernelManager.max_kernels={MAX_KERNELS}",
+           "--MappingKernelManager.cull_idle_timeout=5", "--MappingKernelManager.cull_interval=2"]
+    base = f"http://127.0.0.1:{port}"
+    with background_server(cmd, tiny_project, env, tiny_project / "voila-chaos.log",
+                           lambda: answers_ok(base + "/voila/static/voila.js"), 180) as proc:
+        yield dict(base=base, proc=proc)
+
+
+def kernels(pid: int) -> list[psutil.Process]:
+    "The kernels Voila runs (a kernel being shut down, a zombie for a moment, is not counted)."
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if "ipykernel_launcher" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def get(url: str, timeout=180) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+
+def test_twenty_dashboard_visitors_at_once(dashboard):
+    "The first MAX_KERNELS get the dashboard, the others a 'busy' page and no kernel; culling frees the slots."
+    pages = []
+    threads = [threading.Thread(target=lambda: pages.append(get(dashboard["base"] + "/"))) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(status for status, _ in pages)
+    assert statuses == [200] * MAX_KERNELS + [503] * (20 - MAX_KERNELS), statuses
+    assert all("DeepGuard is busy" in text and "Try again" in text for status, text in pages if status == 503)
+    assert all("dg-header" in text or "kernelId" in text for status, text in pages if status == 200)
+    running = kernels(dashboard["proc"].pid)
+    assert len(running) <= MAX_KERNELS
+    sizes = [p.memory_info().rss for p in running]      # each has rendered the dashboard: model loaded
+    print(f"dashboard: {len(running)} kernels, RSS {[round(s / 1e6) for s in sizes]} MB")
+    assert max(sizes) < KERNEL_RSS_BOUND, sizes
+    # the visitors went away: idle kernels are culled, and the next visitor gets the dashboard
+    deadline = time.monotonic() + 90
+    while kernels(dashboard["proc"].pid) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not kernels(dashboard["proc"].pid), "idle kernels were not culled"
+    assert get(dashboard["base"] + "/")[0] == 200
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/api/contents"), ("GET", "/api/contents/params.yaml"), ("GET", "/files/params.yaml"),
+    ("GET", "/voila/files/params.yaml"), ("GET", "/tree"), ("GET", "/voila/tree"), ("GET", "/lab"),
+    ("GET", "/api/terminals"), ("POST", "/api/terminals"), ("GET", "/terminals/1"), ("GET", "/api/kernels"),
+    ("POST", "/api/kernels"), ("GET", "/api/sessions"), ("POST", "/api/sessions"), ("GET", "/api/kernelspecs"),
+    ("GET", "/notebooks/app/dashboard.ipynb"), ("GET", "/voila/render/app/dashboard.ipynb"),
+    ("GET", "/voila/api/contents/"),
+])
+def test_a_visitor_reaches_no_terminal_files_or_kernels(dashboard, method, path):
+    "Only the rendered page, its own kernel's channel and static files: everything else is refused or a redirect to a refusal."
+    request = urllib.request.Request(dashboard["base"] + path, method=method, data=b"{}" if method == "POST" else None,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:     # redirects are followed
+            status, text = response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        status, text = err.code, ""
+    assert status in (403, 404, 405), (path, status, text[:300])

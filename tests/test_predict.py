@@ -1,6 +1,7 @@
 """`classify` on the model the tiny pipeline trained: every input type, batches, odd formats, bad input."""
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -178,12 +179,13 @@ def test_cli_reports_and_skips_every_kind_of_bad_file(model_path, tiny_project, 
     for name, (content, _) in ALL_BAD_FILES.items():
         (folder / name).write_bytes(content)
     (folder / "good.png").write_bytes(GOOD_PNG)
+    os.mkfifo(folder / "pipe.jpg")                      # named like an image: refused, never opened (it would block)
     files = sorted(p for p in folder.iterdir())
-    proc = deepguard_cli("classify", *files, folder / "missing.png", "--json", "--model", model_path, cwd=tiny_project)
+    proc = deepguard_cli("classify", *files, "--json", "--model", model_path, cwd=tiny_project)
     assert proc.returncode == 1
     records = {Path(r["path"]).name: r for r in map(json.loads, proc.stdout.splitlines())}
     expected = {name: reason for name, (_, reason) in ALL_BAD_FILES.items()}
-    expected["missing.png"] = "missing"
+    expected["pipe.jpg"] = "not_file"
     assert {n: r["reason"] for n, r in records.items() if "error" in r} == expected
     assert records["good.png"]["label"] in ("REAL", "FAKE")
     assert f"{len(expected)} of {len(expected) + 1} file(s) could not be classified" in proc.stderr
@@ -197,3 +199,16 @@ def test_cli_usage_errors(model_path, tiny_project, tmp_path):
     missing_model = deepguard_cli("classify", tmp_path / "good.png", "--model", tmp_path / "nope.keras", cwd=tiny_project)
     assert missing_model.returncode == 2 and "No model at" in missing_model.stderr
     assert deepguard_cli("frobnicate", cwd=tiny_project).returncode == 2
+    gone = deepguard_cli("classify", tmp_path / "good.png", tmp_path / "gone.jpg", "--model", model_path, cwd=tiny_project)
+    assert gone.returncode == 2 and "no such file or folder" in gone.stderr and "gone.jpg" in gone.stderr
+
+
+def test_cli_never_prints_registry_credentials(tmp_path):
+    "An unreachable tracking server whose URI holds a password: exit 2, a message, and the password nowhere."
+    (tmp_path / "good.png").write_bytes(GOOD_PNG)
+    env = {"MLFLOW_TRACKING_URI": "http://ann:s3cret-pw@127.0.0.1:9", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    proc = run(["deepguard", "classify", str(tmp_path / "good.png"), "--model", "models:/x@champion"], tmp_path,
+               check=False, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "s3cret-pw" not in proc.stdout + proc.stderr and "***@127.0.0.1" in proc.stderr, proc.stderr[-2000:]
