@@ -11,7 +11,11 @@ What it does, all on loopback, bounded in time:
 3. wrk (`-t1 -c N -d D --latency`, a Lua script cycling through one request body per test image, one image per
    request) at 1, 8 and 32 concurrent connections: requests/s, p50/p95/p99, errors (sockets, timeouts, non-2xx);
 4. the same 32-client load against two variants (one process, where /invocations goes through the adaptive
-   batcher: with one and with two inference threads), so the defaults are chosen by measurement.
+   batcher: with one and with two inference threads), so the defaults are chosen by measurement;
+5. `--adversarial` seconds (default 30) of a hostile mix on the default server: 8 good clients, and one client
+   each sending back to back a 36 MP image (the heaviest the limits accept), 64 real photos in one request, 2,000
+   tiny rows, a pixel bomb spread over two rows, JSON nested 5,000 deep and a V2 body declaring 60 MB: statuses
+   by kind against the documented ones, and the peak RSS against the Kubernetes memory limit.
 The goals (issue 15) are ratios within this one run: single-client p50 <= 2x in-process classify p50, 32-client
 throughput >= 0.8x in-process batch throughput, zero errors, cold start <= 3 s. Figures, not assertions.
 """
@@ -161,6 +165,74 @@ def wrk(port: int, clients: int, seconds: int, bodies: Path, script: Path, serve
             **({"peak_rss_mib": round(peak[0])} if server is not None else {})}
 
 
+def adversarial_bodies(files: list[Path]) -> dict:
+    "One request body of each hostile kind, and good single images; what each should be answered."
+    import io
+    from PIL import Image
+    def encoded(image, fmt, **kw):
+        buffer = io.BytesIO(); image.save(buffer, fmt, **kw); return base64.b64encode(buffer.getvalue()).decode()
+    ramp = np.linspace(0, 255, 6000, dtype=np.uint8)
+    big = Image.fromarray(np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[None, :] // 2 + ramp[:, None] // 2), -1))
+    tiny = encoded(Image.new("RGB", (16, 16), (90, 80, 70)), "PNG")
+    bomb = encoded(Image.new("RGB", (6000, 6000), (120, 100, 90)), "PNG")
+    photo = [base64.b64encode(f.read_bytes()).decode() for f in files]
+    inv = lambda rows: json.dumps({"inputs": {"image": rows}}).encode()
+    return {
+        "good": (200, [inv([p]) for p in photo]),
+        "big_legit_36mp": (200, [inv([encoded(big, "JPEG", quality=90)])]),        # the heaviest image the limits accept
+        "max_images_64": (200, [inv((photo * 64)[:64])]),                            # a full request of real photos
+        "many_rows_2000": (413, [inv([tiny] * 2000)]),
+        "pixel_bomb_2x36mp": (413, [inv([bomb, bomb])]),
+        "deep_json_5000": (400, [b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"]),
+        "oversize_60mb_declared": (413, None),                                       # headers say 60 MB; see `declared`
+    }
+
+
+def declared(port: int, size: int) -> int:
+    "A V2 POST declaring `size` bytes that sends only its first 64 KB: the status it gets."
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as raw:
+        raw.sendall(f"POST /v2/models/deepguard/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {size}\r\n\r\n".encode() + b"{" + b" " * 65536)
+        reply = raw.recv(4096)
+    return int(reply.split(b" ")[1]) if reply.startswith(b"HTTP/") else 0
+
+
+def adversarial(server, seconds: int, files: list[Path]) -> dict:
+    """Good clients and hostile ones at once for `seconds`: each kind on its own thread, back to back. Statuses by
+    kind, the good answers' errors, and the server's peak RSS against the Kubernetes memory limit."""
+    kinds = adversarial_bodies(files)
+    url = f"http://127.0.0.1:{server.port}/invocations"
+    counts = {k: {} for k in kinds}
+    peak, stop = [server.rss_mib()], threading.Event()
+    def sample():
+        while not stop.wait(0.2):
+            peak[0] = max(peak[0], server.rss_mib())
+    def client(kind, bodies, seed):
+        i = seed
+        while not stop.is_set():
+            i += 1
+            status = declared(server.port, 60_000_000) if bodies is None else post(url, bodies[i % len(bodies)], timeout=120)
+            counts[kind][status] = counts[kind].get(status, 0) + 1
+    threads = [threading.Thread(target=sample, daemon=True)]
+    threads += [threading.Thread(target=client, args=("good", kinds["good"][1], k), daemon=True) for k in range(8)]
+    threads += [threading.Thread(target=client, args=(k, b, 0), daemon=True) for k, (_, b) in kinds.items() if k != "good"]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(timeout=180)
+    wrong = {k: {s: n for s, n in counts[k].items() if s != want} for k, (want, _) in kinds.items()}
+    import yaml     # the limit the Deployment gives the server's container, in MiB
+    manifests = yaml.safe_load_all((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())
+    deployment = next(m for m in manifests if m and m.get("kind") == "Deployment")
+    limit = int(deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"].removesuffix("Mi"))
+    return {"seconds": seconds, "expected_status": {k: want for k, (want, _) in kinds.items()},
+            "statuses": {k: {str(s): n for s, n in v.items()} for k, v in counts.items()},
+            "unexpected": {k: {str(s): n for s, n in v.items()} for k, v in wrong.items() if v},
+            "peak_rss_mib": round(peak[0]), "k8s_memory_limit_mib": limit, "under_limit": peak[0] < limit}
+
+
 def in_process(model: str, files: list[Path], batch: int, rounds: int) -> dict:
     "classify as a library user calls it, model loaded once: single images (p50) and one list (images/s)."
     from deepguard.predict import classify, load_detector, resolve_model
@@ -191,6 +263,7 @@ def main():
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--batch", type=int, default=32, help="images in the in-process batch")
     parser.add_argument("--no-variants", action="store_true", help="skip the one-process variants")
+    parser.add_argument("--adversarial", type=int, default=30, help="seconds of the hostile mix (0: skip)")
     parser.add_argument("--out", default=str(ROOT / "reports" / "benchmarks" / "serving.json"))
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -220,6 +293,9 @@ def main():
     idle_rss = server.rss_mib()
     try:
         levels = load_levels(server, [int(c) for c in args.clients.split(",")])
+        hostile = adversarial(server, args.adversarial, files) if args.adversarial else {}
+        if hostile:
+            print("adversarial:", json.dumps(hostile))
     finally:
         server.stop()
     variants = {}
@@ -253,11 +329,14 @@ def main():
         "peak_rss_mib": {"value": max(r["peak_rss_mib"] for r in levels), "goal": "<= 600 (MB)"},
         "errors": {"value": sum(r["errors"] for r in levels), "goal": "== 0"},
         "cold_start_s": {"value": round(server.cold_start_s, 2), "goal": "<= 3"},
+        "adversarial_peak_rss_mib": {"value": hostile.get("peak_rss_mib"), "goal": f"< {hostile.get('k8s_memory_limit_mib')} (the Kubernetes memory limit)"},
+        "adversarial_unexpected_statuses": {"value": hostile.get("unexpected"), "goal": "none"},
     }
     met = {"single_client_p50_over_in_process_p50": lambda v: v is not None and v <= 2,
            "clients32_throughput_over_in_process_batch": lambda v: v is not None and v >= 0.8,
            "errors": lambda v: v == 0, "cold_start_s": lambda v: v <= 3, "ready_s": lambda v: v <= 3,
-           "clients32_requests_per_s": lambda v: v is not None and v >= 108, "peak_rss_mib": lambda v: v <= 600 * 1e6 / 2 ** 20}
+           "clients32_requests_per_s": lambda v: v is not None and v >= 108, "peak_rss_mib": lambda v: v <= 600 * 1e6 / 2 ** 20,
+           "adversarial_peak_rss_mib": lambda v: v is not None and v < hostile["k8s_memory_limit_mib"], "adversarial_unexpected_statuses": lambda v: v == {}}
     for key, goal in goals.items():
         goal["met"] = met[key](goal["value"])
     import mlserver
@@ -270,7 +349,7 @@ def main():
         "in_process": local, "server": levels, "cold_start_s": round(server.cold_start_s, 2), "ready_s": round(server.ready_s, 2),
         "model_folder": folder,
         "server_rss_mib": {"after_first_answer": round(idle_rss), "peak": max(r["peak_rss_mib"] for r in levels)},
-        "variants_at_max_clients": variants, "goals": goals,
+        "variants_at_max_clients": variants, "adversarial": hostile, "goals": goals,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -98,3 +98,5 @@ def test_memory_covers_the_measured_server():
     container = objects()[("Deployment", "deepguard")]["spec"]["template"]["spec"]["containers"][0]
     request, limit = (mebibytes(container["resources"][k]["memory"]) for k in ("requests", "limits"))
     assert peak <= request <= limit and limit >= 1.3 * peak, (peak, request, limit)
+    hostile = bench["adversarial"]            # the hostile mix (big images, many rows, bombs, oversize bodies)
+    assert hostile["peak_rss_mib"] < limit and not hostile["unexpected"], hostile
