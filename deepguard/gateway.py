@@ -365,12 +365,18 @@ class Gateway:
         await send({"type": "http.response.body", "body": content})
 
 # %% ../nbs/10a_gateway.ipynb #b7075f19
-def grpc_guard(limits: dict | None = None):
+def grpc_guard(limits: dict | None = None, metrics: dict | None = None, model_name: str = "deepguard"):
     """A gRPC server interceptor with the REST front door's rules: the model repository service needs the admin
     token (metadata `authorization: Bearer <token>`), and ModelInfer takes at most `max_images` images and
-    `max_request_pixels` pixels. (The message size limit is gRPC's own, `grpc_max_message_length`.)"""
+    `max_request_pixels` pixels; each refusal is counted under `route="grpc"`. (The message size limit is gRPC's
+    own, `grpc_max_message_length`.)"""
     import grpc
     limits = limits or serving_limits()
+    def counted(err: RequestError) -> RequestError:
+        if metrics is not None:
+            metrics["requests"].labels(model_name, "grpc", outcome_of(err.status)).inc()
+            metrics["errors"].labels(model_name, "grpc", err.reason).inc()
+        return err
     codes = {401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
              413: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -387,11 +393,12 @@ def grpc_guard(limits: dict | None = None):
             count = max([len(files)] + [int(inp.shape[0]) for inp in request.inputs if inp.name == "image" and inp.shape])
             problem = None
             if count > limits["max_images"]:
-                problem = f"{count:,} images in one request; the limit is {limits['max_images']:,} (reason: too_many_images)"
+                problem = RequestError(413, "too_many_images", f"{count:,} images in one request; the limit is {limits['max_images']:,}")
             elif sum(declared_pixels(x) for x in files) > limits["max_request_pixels"]:
-                problem = f"the request's images hold more than {limits['max_request_pixels']:,} pixels (reason: too_many_pixels)"
+                problem = RequestError(413, "too_many_pixels", f"the request's images hold more than {limits['max_request_pixels']:,} pixels")
             if problem:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
+                counted(problem)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{problem} (reason: {problem.reason})")
             return await inner(request, context)
         return grpc.unary_unary_rpc_method_handler(infer, request_deserializer=handler.request_deserializer,
                                                    response_serializer=handler.response_serializer)
@@ -406,7 +413,7 @@ def grpc_guard(limits: dict | None = None):
                 try:
                     check_admin(given, os.environ.get(ADMIN_TOKEN_ENV))
                 except RequestError as err:
-                    return refuse(handler, err)
+                    return refuse(handler, counted(err))
             if details.method.endswith("/ModelInfer"):
                 return checked(handler)
             return handler

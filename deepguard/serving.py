@@ -298,9 +298,10 @@ class DeepGuardServer(MLServer):
         if registry is not None:
             registry._on_worker_stop[:] = [keep_counters]      # the hook list every inference pool shares
             signal.signal(signal.SIGCHLD, lambda *_: asyncio.create_task(reap_workers(registry)))
-        self._rest_server._app.add_middleware(Gateway, limits=limits, metrics=gateway_metrics())
+        metrics = gateway_metrics()
+        self._rest_server._app.add_middleware(Gateway, limits=limits, metrics=metrics)
         self._grpc_server.__class__ = _GuardedGRPCServer
-        self._grpc_server.guard = grpc_guard(limits)
+        self._grpc_server.guard = grpc_guard(limits, metrics)
 
 def serve(model: str, **overrides) -> None:
     "Run the model server in the foreground until SIGINT/SIGTERM."

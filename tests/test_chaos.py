@@ -261,6 +261,9 @@ def test_chaos(chaos, tiny_project):
         assert summed(after, name) >= summed(before, name), name
     assert summed(after, "deepguard_worker_retries_total", result="answered") >= 1
     assert summed(after, "deepguard_worker_retries_total", result="gave_up") == 0
+    # gRPC refusals are counted with the REST ones (the unload without a token, the 1,000 rows)
+    assert summed(after, "deepguard_errors_total", route="grpc", reason="unauthorized") >= 1
+    assert summed(after, "deepguard_errors_total", route="grpc", reason="too_many_images") >= 1
     assert rss.peak < RSS_BOUND, f"peak RSS {rss.peak / 1e6:.0f} MB"
     print(f"chaos: {len(goods_seen)} good answers, peak RSS {rss.peak / 1e6:.0f} MB, "
           f"retries {summed(after, 'deepguard_worker_retries_total', result='answered'):.0f}")
