@@ -2,8 +2,8 @@
 package on TensorFlow (the reference, and the detector before face-chain v1 moved to OpenVINO), in the same run,
 on the demo corpus's raw images (`data/raw`, made by `make pipeline`).
 
-    python benchmarks/face_bench.py                 # every raw image; about 8 minutes here
-    python benchmarks/face_bench.py --n 500         # a seeded sample
+    python -m benchmarks.face_bench                 # every raw image; about 8 minutes here
+    python -m benchmarks.face_bench --n 500         # a seeded sample
 
 Per detector: face-found rate (the chain's rule: confidence >= 0.9), the crop box the chain cuts (identical to
 the reference's or not), the IoU of the largest face box with the reference's, and the time per image of the
@@ -106,7 +106,7 @@ def main():
 
     import numpy as np
     import pandas as pd
-    from deepguard.core import load_image
+    from deepguard.images import load_image
     from deepguard.faces import chain_params, detect_face, face_chain, face_detector, square_box
     from deepguard.preprocess import chain_rows
     manifest = pd.read_csv(ROOT / "data" / "raw" / "manifest.csv", keep_default_na=False)

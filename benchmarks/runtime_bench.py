@@ -1,6 +1,6 @@
 """The detector's CNN on this CPU: the compiled TensorFlow graph `deepguard.predict` uses against OpenVINO.
 
-    python benchmarks/runtime_bench.py              # the pipeline's models/detector.keras; writes reports/benchmarks/runtime.json
+    python -m benchmarks.runtime_bench              # the pipeline's models/detector.keras; writes reports/benchmarks/runtime.json
 
 Both runtimes get the same face-chain crops of the demo test images (float32 RGB, batch 1 and batch 32) and must
 agree within 1e-4 on the calibrated P(fake). The conversion is `deepguard.predict.export_openvino` (the traced
@@ -14,16 +14,14 @@ import csv
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def best_of(fn, repeats: int, inner: int) -> float:
@@ -47,7 +45,7 @@ def main():
 
     import openvino as ov
     import tensorflow as tf
-    from deepguard.core import load_image
+    from deepguard.images import load_image
     from deepguard.faces import prepare_faces
     from deepguard import predict
     model_path = Path(args.model)

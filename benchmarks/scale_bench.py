@@ -1,8 +1,8 @@
 """Scale benchmark: the whole pipeline (`dvc repro`, stage by stage) on synthetic datasets in the layout of
 "140k Real and Fake Faces" at N = 2k, 10k and 40k images; wall time and peak RSS of every stage.
 
-    python benchmarks/scale_bench.py                        # N = 2000 10000 40000 (about 2 h 15 min here)
-    python benchmarks/scale_bench.py --sizes 2000 10000     # a subset; results are merged into scale.json
+    python -m benchmarks.scale_bench                        # N = 2000 10000 40000 (about 2 h 15 min here)
+    python -m benchmarks.scale_bench --sizes 2000 10000     # a subset; results are merged into scale.json
 
 Data: every synthetic image is one of the demo corpus's raw images (`data/raw`, made by `make pipeline`) under a
 seeded random crop, flip and brightness change, saved as a 256 px JPEG (quality 85-95), as 140k's files are;
@@ -71,8 +71,7 @@ def synthetic_140k(dest: Path, n: int, seed: int = 0) -> Path:
 
 def project_copy(dest: Path) -> Path:
     "The tests' copy of the working tree (tracked files, no pipeline outputs, a fresh git repo), and the converted backbone."
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import copy_project
+    from tests.helpers import copy_project      # run as `python -m benchmarks.scale_bench` from the project root
     copy_project(dest)
     if (ROOT / "models" / "backbones").is_dir():      # made once by the train stage (torch); not what is measured
         shutil.copytree(ROOT / "models" / "backbones", dest / "models" / "backbones")
@@ -87,7 +86,7 @@ def fabricate_processed(project: Path, data: Path) -> None:
     import hashlib
     import pandas as pd
     import yaml
-    from deepguard.core import load_image
+    from deepguard.images import load_image
     from deepguard.faces import chain_params, face_chain
     settings = yaml.safe_load((project / "params.yaml").read_text())["preprocess"]
     params = chain_params({k: settings[k] for k in ("image_size", "margin", "jpeg_quality", "detect_max_side",

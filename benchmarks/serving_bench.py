@@ -2,7 +2,7 @@
 
     make pipeline                                   # a registered champion and the demo images
     apt-get install wrk                             # the load generator (Debian's package)
-    python benchmarks/serving_bench.py              # writes reports/benchmarks/serving.json
+    python -m benchmarks.serving_bench              # writes reports/benchmarks/serving.json
 
 What it does, all on loopback, bounded in time:
 1. in-process: `classify` one image at a time (p50 over the test images) and one list of `--batch` images
@@ -38,9 +38,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
+
+from deepguard.core import REGISTRY_MODEL
 
 LUA = r"""
 local bodies = {}
@@ -236,7 +237,7 @@ def adversarial(server, seconds: int, files: list[Path]) -> dict:
 def in_process(model: str, files: list[Path], batch: int, rounds: int) -> dict:
     "classify as a library user calls it, model loaded once: single images (p50) and one list (images/s)."
     from deepguard.predict import classify, load_detector, resolve_model
-    from deepguard.core import load_image
+    from deepguard.images import load_image
     detector = load_detector(resolve_model(model))
     data = [f.read_bytes() for f in files]
     for d in data[:5]:
@@ -257,7 +258,7 @@ def in_process(model: str, files: list[Path], batch: int, rounds: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models:/deepguard-detector@champion")
+    parser.add_argument("--model", default=REGISTRY_MODEL)
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--seconds", type=int, default=20, help="wrk duration per load level")
     parser.add_argument("--images", type=int, default=48)

@@ -2,21 +2,19 @@
 for fine-tuning (all backbone layers trainable). Random data; speed does not depend on the weights, so Xception
 is built without its ImageNet download.
 
-    python benchmarks/train_throughput.py                       # all backbones at 128 and 224 px
-    python benchmarks/train_throughput.py --backbones efficientnet_lite0 --sizes 128
+    python -m benchmarks.train_throughput                       # all backbones at 128 and 224 px
+    python -m benchmarks.train_throughput --backbones efficientnet_lite0 --sizes 128
 
 Writes reports/benchmarks/train_throughput.json.
 """
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def build(backbone, size):

@@ -18,8 +18,9 @@ import ipywidgets as widgets
 from IPython.display import display
 from PIL import Image
 
-from .core import DeepGuardError, InvalidImageError, load_image, resolve
-from .features import azimuthal_average, log_spectrum
+from .core import DeepGuardError, InvalidImageError, label_for, resolve
+from .images import load_image
+from .spectra import azimuthal_average, log_spectrum
 from .predict import Classification
 
 # %% auto #0
@@ -41,6 +42,7 @@ class Analysis:
 def _last_conv(layers):
     return [layer for layer in layers if len(getattr(layer, "output", None).shape or ()) == 4][-1]
 
+# %% ../nbs/09_app.ipynb #0cf4d502
 def gradcam(model, x: np.ndarray) -> np.ndarray:
     "Grad-CAM heatmaps (N, H, W) in [0, 1] at the input resolution, for the fake logit of a DeepGuard model."
     import keras
@@ -74,6 +76,7 @@ def boxed(image: Image.Image, box: tuple, width: int = 160) -> Image.Image:
     ImageDraw.Draw(thumb).rectangle([left, top, left + side - 1, top + side - 1], outline=(220, 0, 0), width=2)
     return thumb
 
+# %% ../nbs/09_app.ipynb #8c5c543a
 def make_analyser(detector, class_means: dict | None = None) -> Callable[..., Analysis]:
     "analyse(data, name) -> Analysis, for a `deepguard.predict.LoadedDetector`: one face chain, one model call."
     from deepguard.predict import answer
@@ -95,6 +98,7 @@ def png(image) -> bytes:
     buffer = io.BytesIO(); image.save(buffer, "PNG")
     return buffer.getvalue()
 
+# %% ../nbs/09_app.ipynb #9e9b6ec8
 def colormap(values: np.ndarray, name: str = "magma") -> np.ndarray:
     "Values scaled to [0, 1] and coloured: HxWx3 uint8."
     from matplotlib import colormaps
@@ -102,12 +106,14 @@ def colormap(values: np.ndarray, name: str = "magma") -> np.ndarray:
     v = (v - v.min()) / (np.ptp(v) + 1e-12)
     return (colormaps[name](v)[..., :3] * 255).astype(np.uint8)
 
+# %% ../nbs/09_app.ipynb #2f21c142
 def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.45) -> Image.Image:
     "The Grad-CAM heatmap blended over the image."
     base = np.asarray(image.convert("RGB"), np.float32)
     hot = colormap(heat, "jet").astype(np.float32)
     return Image.fromarray(((1 - alpha) * base + alpha * hot).astype(np.uint8))
 
+# %% ../nbs/09_app.ipynb #742b5c8c
 def profile_plot(profile: np.ndarray, class_means: dict | None, title: str) -> bytes:
     "The image's azimuthal spectrum against the real and fake class means (PNG)."
     from matplotlib.figure import Figure
@@ -213,7 +219,8 @@ class DetectorApp:
     # -- output --------------------------------------------------------------------------------------------
     def label(self, analysis: Analysis) -> tuple[str, float]:
         p, t = analysis.result.probability_fake, self.threshold.value
-        return ("FAKE", p) if p >= t else ("REAL", 1 - p)
+        label = label_for(p, t)
+        return (label, p) if label == "FAKE" else (label, 1 - p)
 
     def row(self, a: Analysis) -> widgets.Widget:
         label, confidence = self.label(a)

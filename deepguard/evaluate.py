@@ -12,15 +12,16 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from .core import check_param, get_logger, resolve, write_json
-from .features import chunks
+from .stats import balanced_weights, bootstrap_accuracy, bootstrap_auc, chunks, pairwise_auc
 
 # %% auto #0
-__all__ = ['THRESHOLD_RULES', 'PERTURBATIONS', 'LOO_COLUMNS', 'MODEL_ROWS', 'choose_threshold', 'balanced_weights',
-           'expected_calibration_error', 'tpr_at_fpr', 'binary_metrics', 'fit_calibration', 'calibrate',
-           'check_calibration', 'curve_tables', 'perturbed_scores', 'robustness_sample', 'robustness_sweep',
-           'robustness_by_group', 'per_generator_table', 'pairwise_auc', 'bootstrap_auc', 'cross_source_table',
-           'predict_proba', 'frozen_features', 'linear_probe', 'leave_one_family_out', 'bootstrap_accuracy',
-           'regression_images', 'regression_failures', 'plot_robustness', 'cross_source_markdown', 'model_card']
+__all__ = ['THRESHOLD_RULES', 'PERTURBATIONS', 'LOO_COLUMNS', 'MODEL_ROWS', 'choose_threshold', 'expected_calibration_error',
+           'tpr_at_fpr', 'binary_metrics', 'fit_calibration', 'calibrate', 'check_calibration', 'curve_tables',
+           'perturbed_scores', 'robustness_sample', 'robustness_sweep', 'robustness_by_group', 'per_generator_table',
+           'cross_source_table', 'predict_proba', 'frozen_features', 'linear_probe', 'leave_one_family_out',
+           'regression_images', 'regression_failures', 'plot_robustness', 'cross_source_markdown', 'model_card',
+           'score_cnn', 'fit_baselines', 'calibration_record', 'regression_scores', 'held_out_results', 'write_outputs',
+           'run']
 
 # %% ../nbs/06_evaluate.ipynb #9d948c27
 THRESHOLD_RULES = ("balanced_accuracy", "target_fpr")
@@ -43,12 +44,6 @@ def choose_threshold(y, p, rule: str = "balanced_accuracy", target_fpr: float = 
     return float(np.clip(candidates[np.flatnonzero(fpr <= target_fpr)[0]], 0.0, 1.0))
 
 # %% ../nbs/06_evaluate.ipynb #24ad508c
-def balanced_weights(y) -> np.ndarray:
-    "Per-sample weights that give both classes the same total weight (a 50/50 prior), mean 1."
-    y = np.asarray(y).astype(int)
-    counts = np.bincount(y, minlength=2).astype(np.float64)
-    return np.where(y == 1, len(y) / (2 * max(counts[1], 1)), len(y) / (2 * max(counts[0], 1)))
-
 def expected_calibration_error(y, p, n_bins: int = 10, weights=None) -> float:
     "ECE of fake probabilities over equal-width bins (`weights`: per-sample, e.g. `balanced_weights`)."
     y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
@@ -58,11 +53,13 @@ def expected_calibration_error(y, p, n_bins: int = 10, weights=None) -> float:
     sum_p = np.bincount(bins, weights=w * p, minlength=n_bins)
     return float(np.sum(np.abs(sum_y - sum_p)) / w.sum())
 
+# %% ../nbs/06_evaluate.ipynb #81318c85
 def tpr_at_fpr(y, p, max_fpr: float = 0.05) -> float:
     "The best true-positive rate reachable with a false-positive rate of at most `max_fpr`."
     fpr, tpr, _ = skm.roc_curve(y, p)
     return float(tpr[fpr <= max_fpr].max())
 
+# %% ../nbs/06_evaluate.ipynb #4927ac83
 def binary_metrics(y, p, threshold: float) -> dict:
     "Every headline metric at one threshold, plus the threshold-free ones."
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
@@ -80,6 +77,7 @@ def _logit(p):
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
     return np.log(p) - np.log1p(-p)
 
+# %% ../nbs/06_evaluate.ipynb #0853f7a2
 def fit_calibration(y, p, balanced: bool = True) -> dict:
     "Platt scaling of fake probabilities `p` on labels `y` by (class-balanced) maximum likelihood: slope and centre."
     from scipy.optimize import minimize
@@ -100,10 +98,12 @@ def fit_calibration(y, p, balanced: bool = True) -> dict:
                 slope=a, centre_logit=-b / a, intercept=b, raw_threshold=float(1 / (1 + np.exp(b / a))),
                 balanced=bool(balanced))
 
+# %% ../nbs/06_evaluate.ipynb #0ffbd6b1
 def calibrate(p, calibration: dict) -> np.ndarray:
     "The calibrated P(fake) for raw fake probabilities `p`."
     return 1 / (1 + np.exp(-calibration["slope"] * (_logit(p) - calibration["centre_logit"])))
 
+# %% ../nbs/06_evaluate.ipynb #b38067ae
 def check_calibration(y, p_raw, p_calibrated, balanced: bool = True) -> dict:
     "ECE before and after on one split; raises if calibration made the (class-balanced) ECE worse."
     w = balanced_weights(y) if balanced else None
@@ -138,12 +138,14 @@ def _jpeg(quality):
         return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     return apply
 
+# %% ../nbs/06_evaluate.ipynb #2e5db0ea
 def _downscale(factor):
     def apply(image):
         small = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
         return image.resize(small, Image.Resampling.BILINEAR).resize(image.size, Image.Resampling.BILINEAR)
     return apply
 
+# %% ../nbs/06_evaluate.ipynb #0e8d9b94
 def _blur(sigma):
     return lambda image: image.filter(ImageFilter.GaussianBlur(sigma))
 
@@ -152,6 +154,7 @@ PERTURBATIONS = {"clean": lambda image: image,
                  "downscale_x0.5": _downscale(0.5), "downscale_x0.25": _downscale(0.25),
                  "blur_sigma1": _blur(1), "blur_sigma2": _blur(2)}
 
+# %% ../nbs/06_evaluate.ipynb #7f21a53c
 def perturbed_scores(images, scorers: dict, load=None, chunk_size: int = 128, prepare=None) -> dict:
     """{condition: {scorer name: fake probabilities}}: every perturbation of the images, each perturbed and scored once.
     `images` are decoded images, or anything `load` decodes (paths): then only `chunk_size` images are in memory.
@@ -168,6 +171,7 @@ def perturbed_scores(images, scorers: dict, load=None, chunk_size: int = 128, pr
     return {condition: {name: np.concatenate(p) if p else np.zeros(0) for name, p in by.items()}
             for condition, by in parts.items()}
 
+# %% ../nbs/06_evaluate.ipynb #81de3523
 def robustness_sample(rows: pd.DataFrame, max_images: int, seed: int = 0, group: str = "generator") -> pd.DataFrame:
     "At most `max_images` of `rows` (0 = all), drawn per `group` in proportion, seeded; row order kept."
     check_param("robustness_max_images", max_images, low=0)
@@ -177,6 +181,7 @@ def robustness_sample(rows: pd.DataFrame, max_images: int, seed: int = 0, group:
     chosen = [g.sample(n=max(1, round(len(g) * share)), random_state=seed).index for _, g in rows.groupby(group)]
     return rows.loc[sorted(np.concatenate(chosen))].reset_index(drop=True)
 
+# %% ../nbs/06_evaluate.ipynb #68990d95
 def robustness_sweep(scores: dict, y, thresholds: dict) -> pd.DataFrame:
     "ROC-AUC and accuracy at each scorer's threshold, for every perturbation (`scores` from `perturbed_scores`)."
     y = np.asarray(y).astype(int)
@@ -189,6 +194,7 @@ def robustness_sweep(scores: dict, y, thresholds: dict) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
+# %% ../nbs/06_evaluate.ipynb #98d3337e
 def robustness_by_group(scores: dict, scorer: str, rows: pd.DataFrame, threshold: float, group: str = "generator") -> pd.DataFrame:
     "Accuracy of `scorer` at `threshold` for every perturbation and every `group` of `rows`: which class a perturbation breaks."
     y, groups = rows.y.to_numpy().astype(int), rows[group].to_numpy()
@@ -217,23 +223,6 @@ def per_generator_table(rows: pd.DataFrame, p, threshold: float) -> pd.DataFrame
     return pd.DataFrame(out)
 
 # %% ../nbs/06_evaluate.ipynb #9d5574f2
-def pairwise_auc(fake_scores, real_scores) -> float:
-    """ROC-AUC as the probability that a fake outscores a real (ties count half), from average ranks (Mann-Whitney):
-    O(n log n) time and O(n) memory, so a bootstrap over tens of thousands of images stays cheap."""
-    from scipy.stats import rankdata
-    a, b = np.asarray(fake_scores, np.float64), np.asarray(real_scores, np.float64)
-    ranks = rankdata(np.r_[a, b])
-    return float((ranks[:len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))
-
-def bootstrap_auc(y, p, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    "Percentile bootstrap interval of ROC-AUC, resampling each class separately (both always present)."
-    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    pos, neg = p[y == 1], p[y == 0]
-    aucs = [pairwise_auc(rng.choice(pos, len(pos)), rng.choice(neg, len(neg))) for _ in range(n_boot)]
-    lo, hi = np.quantile(aucs, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
-
 def cross_source_table(rows: pd.DataFrame, scores: dict[str, np.ndarray], n_boot: int = 1000) -> pd.DataFrame:
     "One row per (real source, fake family) of `rows`: counts and every scorer's ROC-AUC; the first scorer gets a 95% CI."
     reals = rows[rows.y == 0].generator.unique()
@@ -269,6 +258,7 @@ def frozen_features(backbone, dataset) -> np.ndarray:
     out = [np.asarray(backbone((x - 127.0) / 128.0, training=False)) for x, _ in dataset]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
+# %% ../nbs/06_evaluate.ipynb #388e303c
 def linear_probe(seed: int = 0):
     "An unfitted standardise + L2 logistic regression pipeline."
     from sklearn.linear_model import LogisticRegression
@@ -279,6 +269,7 @@ def linear_probe(seed: int = 0):
 LOO_COLUMNS = ["family", "n_real", "n_fake", "probe_without_family_auc", "probe_without_family_auc_lo",
                "probe_without_family_auc_hi", "probe_all_families_auc", "cnn_n_fake", "cnn_auc"]
 
+# %% ../nbs/06_evaluate.ipynb #4f3dadee
 def leave_one_family_out(features: dict, rows: dict, cnn_test: np.ndarray, n_boot: int = 1000) -> pd.DataFrame:
     """Per fake generator of the training split: the probe fitted without it, scored on all its train/val/test images
     against the test reals (95% CI), the probe with all generators on its test images, and the CNN's AUC on them.
@@ -309,20 +300,10 @@ def leave_one_family_out(features: dict, rows: dict, cnn_test: np.ndarray, n_boo
                         cnn_auc=float(skm.roc_auc_score(y_test, cnn_test[chosen])) if both else np.nan))
     return pd.DataFrame(out, columns=LOO_COLUMNS)
 
-# %% ../nbs/06_evaluate.ipynb #721f84ad
-def bootstrap_accuracy(y, p, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    "Percentile bootstrap 95% interval of accuracy at `threshold`, resampling each class separately."
-    y, correct = np.asarray(y).astype(int), (np.asarray(p) >= threshold).astype(int) == np.asarray(y).astype(int)
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    accs = [correct[np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]].mean() for _ in range(n_boot)]
-    lo, hi = np.quantile(accs, [0.025, 0.975])
-    return float(lo), float(hi)
-
 # %% ../nbs/06_evaluate.ipynb #11ca5f4e
 def regression_images(folder) -> pd.DataFrame:
     "path and y (1 = fake) for every image file under folder/real and folder/fake (none: an empty frame)."
-    from deepguard.core import IMAGE_SUFFIXES
+    from deepguard.images import IMAGE_SUFFIXES
     rows = []
     for label, y in (("real", 0), ("fake", 1)):
         base = Path(folder) / label
@@ -330,6 +311,7 @@ def regression_images(folder) -> pd.DataFrame:
             rows += [dict(path=str(p), y=y) for p in sorted(base.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
     return pd.DataFrame(rows, columns=["path", "y"])
 
+# %% ../nbs/06_evaluate.ipynb #889bc795
 def regression_failures(cases: pd.DataFrame, p, p_champion=None) -> list[dict]:
     "The cases this model labels wrongly at 0.5, each marked `new` when the champion labelled it right."
     out = []
@@ -354,6 +336,7 @@ def plot_robustness(sweep: pd.DataFrame, path) -> Path:
     ax.invert_yaxis(); fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
     return path
 
+# %% ../nbs/06_evaluate.ipynb #f12a393a
 def _metric_row(name, m):
     ci = f" [{m['roc_auc_ci95'][0]:.3f}, {m['roc_auc_ci95'][1]:.3f}]" if "roc_auc_ci95" in m else ""
     acc_ci = f" [{m['accuracy_ci95'][0]:.3f}, {m['accuracy_ci95'][1]:.3f}]" if "accuracy_ci95" in m else ""
@@ -364,6 +347,7 @@ MODEL_ROWS = (("cnn", "CNN"), ("imagenet_probe", "linear probe, frozen ImageNet 
               ("spectral_baseline", "spectral baseline"), ("shortcut_baseline", "shortcut baseline (trivial features)"),
               ("sharpness_baseline", "sharpness alone"))
 
+# %% ../nbs/06_evaluate.ipynb #fd69fd7f
 def cross_source_markdown(cross: pd.DataFrame) -> list[str]:
     "The cross-source table as Markdown lines, CNN with its 95% interval, the best baseline marked."
     lines = ["| real source | fake family | n real / fake | unseen | CNN AUC [95% CI] | ImageNet probe | spectral | shortcut | sharpness |",
@@ -374,6 +358,7 @@ def cross_source_markdown(cross: pd.DataFrame) -> list[str]:
                      f"{r.spectral_baseline_auc:.3f} | {r.shortcut_baseline_auc:.3f} | {r.sharpness_baseline_auc:.3f} |")
     return lines
 
+# %% ../nbs/06_evaluate.ipynb #4f81b4c3
 def model_card(results: dict, metadata: dict, rule: str, sweep: pd.DataFrame, per_generator: pd.DataFrame,
                manifest: pd.DataFrame, cross: pd.DataFrame | None = None, loo: pd.DataFrame | None = None) -> str:
     "Markdown model card written by the evaluate stage."
@@ -486,3 +471,213 @@ def model_card(results: dict, metadata: dict, rule: str, sweep: pd.DataFrame, pe
               "## Reproduce", "", "```bash", "make pipeline          # or: dvc repro", "dvc metrics show",
               "dvc plots show         # ROC, PR, calibration, confusion, robustness, history", "```", ""]
     return "\n".join(lines)
+
+# %% ../nbs/06_evaluate.ipynb #a96fbff3
+def _records(table: pd.DataFrame, key: str) -> dict:
+    "A per-group table as {group: {column: value}}, NaN cells left out (JSON has no NaN)."
+    return {getattr(r, key): {k: v for k, v in r._asdict().items() if k not in ("Index", key) and v == v}
+            for r in table.itertuples()}
+
+# %% ../nbs/06_evaluate.ipynb #8adafd92
+def score_cnn(model, manifest: pd.DataFrame, processed: Path, size: int, splits: list) -> dict:
+    """The CNN's raw P(fake) on each split's stored crops, the Platt calibration fitted on validation (class-balanced;
+    the decision is calibrated P >= 0.5), checked not to make validation worse, and the calibrated scores."""
+    from deepguard.train import make_dataset
+    raw = {s: predict_proba(model, make_dataset(manifest, processed, s, size, 64)) for s in splits}
+    calibration = fit_calibration(raw["val"][1], raw["val"][0])
+    cnn = {s: (calibrate(p, calibration), y) for s, (p, y) in raw.items()}   # what every front end reports
+    checked = check_calibration(raw["val"][1], raw["val"][0], cnn["val"][0])  # raises if it made validation worse
+    return dict(raw=raw, calibration=calibration, cnn=cnn, checked=checked)
+
+# %% ../nbs/06_evaluate.ipynb #b1b28391
+def fit_baselines(params: dict, manifest: pd.DataFrame, processed: Path, size: int, splits: list) -> dict:
+    """The baselines on the same images: the spectral and trivial-feature LRs of the features stage, sharpness alone,
+    and the UnivFD recipe (a linear probe on the frozen ImageNet Lite0's features of the same crops)."""
+    import joblib
+
+    from deepguard.features import spectral_baseline
+    from deepguard.model import efficientnet_lite0, lite0_imagenet_weights, load_npz_weights, set_weights_by_name
+    from deepguard.preprocess import SHORTCUT_FEATURES
+    from deepguard.train import make_dataset
+    feats = {s: np.load(resolve(params["features_dir"]) / f"{s}.npz", allow_pickle=False) for s in ["train"] + splits}
+    sharp = SHORTCUT_FEATURES.index("sharpness")
+    sharpness_model = spectral_baseline().fit(feats["train"]["S"][:, [sharp]], feats["train"]["y"])
+    scorers = {"spectral_baseline": (joblib.load(resolve(params["spectral_model_path"])), lambda f: f["X"]),
+               "shortcut_baseline": (joblib.load(resolve(params["shortcut_model_path"])), lambda f: f["S"]),
+               "sharpness_baseline": (sharpness_model, lambda f: f["S"][:, [sharp]])}
+    imagenet = efficientnet_lite0(size)
+    set_weights_by_name(imagenet, load_npz_weights(lite0_imagenet_weights(resolve(params["weights_cache"]))))
+    split_rows = {s: manifest[manifest.split == s].reset_index(drop=True) for s in ["train"] + splits}
+    embedded = {s: frozen_features(imagenet, make_dataset(manifest, processed, s, size, 64)) for s in split_rows}
+    for s in embedded:
+        feats[s] = {**{k: feats[s][k] for k in feats[s].files}, "F": embedded[s]}
+    scorers["imagenet_probe"] = (linear_probe().fit(embedded["train"], split_rows["train"].y), lambda f: f["F"])
+    return dict(feats=feats, scorers=scorers, embedded=embedded, split_rows=split_rows)
+
+# %% ../nbs/06_evaluate.ipynb #72076470
+def calibration_record(scored: dict) -> dict:
+    "The calibration and its ECE before and after, on validation and test, class-balanced and plain."
+    raw, cnn, checked = scored["raw"], scored["cnn"], scored["checked"]
+    (p_val, y_val), (p_test, y_test) = cnn["val"], cnn["test"]
+    bw_test = balanced_weights(y_test)
+    return {**scored["calibration"], "ece": "class-balanced (both classes weigh the same); *_plain: unweighted",
+            "ece_val_before": checked["before"], "ece_val_after": checked["after"],
+            "ece_test_before": expected_calibration_error(y_test, raw["test"][0], weights=bw_test),
+            "ece_test_after": expected_calibration_error(y_test, p_test, weights=bw_test),
+            "ece_val_plain_before": expected_calibration_error(y_val, raw["val"][0]),
+            "ece_val_plain_after": expected_calibration_error(y_val, p_val),
+            "ece_test_plain_before": expected_calibration_error(y_test, raw["test"][0]),
+            "ece_test_plain_after": expected_calibration_error(y_test, p_test)}
+
+# %% ../nbs/06_evaluate.ipynb #aa3eee4d
+def regression_scores(cases: pd.DataFrame, cnn_scores, chunk_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The user's regression set scored by this run's CNN and, when the registry has one, by its champion (so a
+    failure can be marked new); no registry or no champion: `None`, every failure listed, none marked new."""
+    from deepguard.images import load_image
+    p_cases = np.concatenate([cnn_scores([load_image(p) for p in cases.path[part]])
+                              for part in chunks(len(cases), chunk_size)]) if len(cases) else np.array([])
+    if cases.empty:
+        return p_cases, None
+    try:
+        import mlflow
+
+        from deepguard.core import REGISTRY_MODEL, mlflow_setup
+        mlflow_setup()
+        champion = mlflow.pyfunc.load_model(REGISTRY_MODEL).unwrap_python_model().detector
+        return p_cases, np.concatenate([champion.score([load_image(p) for p in cases.path[part]])[0]
+                                        for part in chunks(len(cases), chunk_size)])
+    except Exception as err:
+        get_logger("deepguard.evaluate").info("regression set: no champion to compare with (%s)", type(err).__name__)
+        return p_cases, None
+
+# %% ../nbs/06_evaluate.ipynb #a0e55c11
+def held_out_results(results: dict, manifest: pd.DataFrame, probs: dict, baselines: dict, cnn: dict, splits: list,
+                     threshold: float) -> dict:
+    """Per generator of the test split, every real source against every fake family (test + external, all scorers on
+    the same images) and, with an external split, its own rows: the tables that predict the real world."""
+    test_rows = manifest[manifest.split == "test"].reset_index(drop=True)
+    tables = dict(per_generator=per_generator_table(test_rows, cnn["test"][0], threshold))
+    results["per_generator"] = _records(tables["per_generator"], "generator")
+    held = [s for s in ("test", "external") if s in splits]
+    held_rows = pd.concat([manifest[manifest.split == s] for s in held], ignore_index=True)
+    tables["cross"] = cross_source_table(held_rows, {name: np.concatenate([probs[name][s] for s in held]) for name in probs})
+    results["cross_source"] = {f"{r.real_source} vs {r.fake_family}": {k: v for k, v in r._asdict().items()
+                               if k not in ("Index", "real_source", "fake_family")} for r in tables["cross"].itertuples()}
+    if "external" in splits:    # which never-seen family is caught, which real is believed
+        tables["per_generator_external"] = per_generator_table(
+            manifest[manifest.split == "external"].reset_index(drop=True), cnn["external"][0], threshold)
+        results["per_generator_external"] = _records(tables["per_generator_external"], "generator")
+        p_ext, y_ext = cnn["external"]
+        results["external"] = {name: binary_metrics(y_ext, probs[name]["external"],
+                                                    threshold if name == "cnn" else baselines[name][1]) for name in probs}
+        results["external"]["cnn"]["roc_auc_ci95"] = list(bootstrap_auc(y_ext, p_ext))
+        results["external"]["cnn"]["accuracy_ci95"] = list(bootstrap_accuracy(y_ext, p_ext))
+    return tables
+
+# %% ../nbs/06_evaluate.ipynb #a3527525
+def write_outputs(params: dict, results: dict, scored: dict, tables: dict, metadata: dict, manifest: pd.DataFrame,
+                  threshold: float) -> None:
+    "metrics.json, threshold.json (the decision every front end applies), the `dvc plots` tables, the robustness figure and the model card."
+    calibration, (p_test, y_test) = scored["calibration"], scored["cnn"]["test"]
+    write_json(resolve(params["metrics_path"]), results)
+    write_json(resolve(params["threshold_path"]), dict(
+        threshold=threshold, rule="calibrated P(fake) >= 0.5 (Platt, class-balanced)", chosen_on="val",
+        model=Path(params["model_path"]).name, calibration=calibration))
+    plots = resolve(params["plots_dir"]); plots.mkdir(parents=True, exist_ok=True)
+    for name, table in curve_tables(y_test, p_test, threshold).items():
+        table.to_csv(plots / f"{name}.csv", index=False)
+    curve_tables(y_test, scored["raw"]["test"][0], calibration["raw_threshold"])["calibration"].to_csv(
+        plots / "calibration_before.csv", index=False)
+    tables["sweep"].to_csv(plots / "robustness.csv", index=False)
+    tables["by_generator"].to_csv(plots / "robustness_per_generator.csv", index=False)
+    tables["per_generator"].to_csv(plots / "per_generator.csv", index=False)
+    if "per_generator_external" in tables:
+        tables["per_generator_external"].to_csv(plots / "per_generator_external.csv", index=False)
+    cross = tables["cross"]
+    cross.assign(pair=cross.real_source + " vs " + cross.fake_family).to_csv(plots / "cross_source.csv", index=False)
+    plot_robustness(tables["sweep"], plots / "robustness.png")
+    card = model_card(results, metadata, params["threshold_rule"], tables["sweep"], tables["per_generator"], manifest,
+                      cross, tables["loo"])
+    resolve(params["model_card_path"]).write_text(card)
+
+# %% ../nbs/06_evaluate.ipynb #60991804
+def run(params: dict) -> dict:
+    """The evaluate stage: the CNN scored and calibrated, its baselines, metrics with intervals, the cross-source and
+    leave-one-family-out tables, the regression set and the robustness sweep (decoded images through the face chain),
+    all written (`write_outputs`). Returns the results (what metrics.json holds), the tables and the decision."""
+    import json
+
+    import keras
+    import tensorflow as tf
+
+    from deepguard.faces import prepare_faces
+    from deepguard.images import load_image
+    from deepguard.spectra import spectral_features, to_gray_batch
+
+    log = get_logger("deepguard.evaluate")
+    rule = check_param("threshold_rule", params["threshold_rule"], allowed=set(THRESHOLD_RULES))
+    for path in (params["model_path"], params["spectral_model_path"], params["shortcut_model_path"]):
+        if not resolve(path).is_file():
+            raise FileNotFoundError(f"{resolve(path)} is missing: run the train and features stages first.")
+    processed = resolve(params["processed_dir"])
+    manifest = pd.read_csv(processed / "manifest.csv", keep_default_na=False)
+    model = keras.saving.load_model(resolve(params["model_path"]), safe_mode=True)
+    metadata = json.loads(resolve(params["model_path"]).with_suffix(".json").read_text())
+    size, processing = metadata["input_size"], metadata["processing"]
+    splits = ["val", "test"] + (["external"] if (manifest.split == "external").any() else [])
+    scored = score_cnn(model, manifest, processed, size, splits)
+    cnn, calibration = scored["cnn"], scored["calibration"]
+    (p_val, y_val), (p_test, y_test) = cnn["val"], cnn["test"]
+    threshold = 0.5     # the operating point, on the calibrated scale
+
+    fitted = fit_baselines(params, manifest, processed, size, splits)
+    feats = fitted["feats"]
+    probs = {"cnn": {s: cnn[s][0] for s in splits}}
+    baselines, results = {}, {}
+    for name, (clf, columns) in fitted["scorers"].items():
+        probs[name] = {s: clf.predict_proba(columns(feats[s]))[:, 1] for s in splits}
+        t = choose_threshold(feats["val"]["y"], probs[name]["val"], rule, params["target_fpr"])
+        baselines[name] = (clf, t)
+        results[name] = binary_metrics(feats["test"]["y"], probs[name]["test"], t)
+    results["cnn"] = binary_metrics(y_test, p_test, threshold)
+    results["cnn"]["roc_auc_ci95"] = list(bootstrap_auc(y_test, p_test))
+    results["cnn"]["accuracy_ci95"] = list(bootstrap_accuracy(y_test, p_test))
+    loo = leave_one_family_out(fitted["embedded"], fitted["split_rows"], p_test)
+    results["leave_one_family_out"] = _records(loo, "family")
+    results["cnn_val_auc"] = float(skm.roc_auc_score(y_val, p_val))
+    results["calibration"] = calibration_record(scored)
+    for s in [s for s in ("test", "external") if s in splits]:   # features and CNN scores follow the manifest's order
+        assert list(feats[s]["path"]) == list(manifest[manifest.split == s].path), f"features of {s} out of order"
+    tables = held_out_results(results, manifest, probs, baselines, cnn, splits, threshold)
+    tables["loo"] = loo
+
+    # decoded images -> face chain -> model -> calibrated P(fake): the regression set and the robustness sweep
+    def chain(images):
+        return prepare_faces(images, processing)[0]
+    def cnn_crop_scores(crops):
+        return calibrate(tf.sigmoid(model(crops, training=False)).numpy().ravel(), calibration)
+    def spectral_crop_scores(crops):
+        gray = to_gray_batch([im.astype(np.uint8) for im in crops])
+        return baselines["spectral_baseline"][0].predict_proba(spectral_features(gray))[:, 1]
+    cases = regression_images(resolve(params["regression_dir"]))
+    p_cases, p_champion = regression_scores(cases, lambda images: cnn_crop_scores(chain(images)), params["chunk_size"])
+    results["regression"] = dict(n=int(len(cases)), failures=regression_failures(cases, p_cases, p_champion))
+
+    test_rows = manifest[manifest.split == "test"].reset_index(drop=True)
+    sweep_rows = robustness_sample(test_rows, params["robustness_max_images"])   # raw files read chunk by chunk
+    scores = perturbed_scores(list(sweep_rows.raw_path), {"cnn": cnn_crop_scores, "spectral": spectral_crop_scores},
+                              load=lambda p: load_image(resolve(params["raw_dir"]) / p), chunk_size=params["chunk_size"],
+                              prepare=chain)
+    tables["sweep"] = robustness_sweep(scores, sweep_rows.y, {"cnn": threshold, "spectral": baselines["spectral_baseline"][1]})
+    results["robustness"] = {r["condition"]: {k: v for k, v in r.items() if k != "condition"}
+                             for r in tables["sweep"].to_dict("records")}
+    results["robustness_n"] = int(len(sweep_rows))
+    tables["by_generator"] = robustness_by_group(scores, "cnn", sweep_rows, threshold)
+    results["robustness_per_generator"] = {condition: dict(zip(g.generator, g.accuracy))
+                                           for condition, g in tables["by_generator"].groupby("condition", sort=False)}
+    results.update(threshold_rule=rule, split="test")
+    write_outputs(params, results, scored, tables, metadata, manifest, threshold)
+    log.info("test AUC %.4f (spectral %.4f, shortcut %.4f, sharpness %.4f), threshold %.4f", results["cnn"]["roc_auc"],
+             results["spectral_baseline"]["roc_auc"], results["shortcut_baseline"]["roc_auc"],
+             results["sharpness_baseline"]["roc_auc"], threshold)
+    return dict(results=results, tables=tables, threshold=threshold, p_test=p_test, n_test=len(test_rows))

@@ -11,53 +11,16 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .core import check_param, get_logger, load_image, resolve, seed_everything, write_json
+from .core import check_param, get_logger, resolve, seed_everything, write_json
+from .images import load_image
 from .preprocess import SHORTCUT_FEATURES, shortcut_features
+from .spectra import azimuthal_average, log_spectrum, spectral_features, to_gray_batch
+from .stats import chunks
 
 # %% auto #0
-__all__ = ['log_spectrum', 'radial_bins', 'azimuthal_average', 'to_gray_batch', 'spectral_features', 'chunks', 'split_features',
-           'spectral_baseline', 'plot_mean_spectra']
-
-# %% ../nbs/03_features.ipynb #44aba46c
-def log_spectrum(gray: np.ndarray) -> np.ndarray:
-    "Centred log-magnitude 2-D spectrum of one (H, W) image or a batch (N, H, W)."
-    gray = np.asarray(gray, dtype=np.float32)
-    spectrum = np.fft.fftshift(np.fft.fft2(gray, axes=(-2, -1)), axes=(-2, -1))
-    return np.log1p(np.abs(spectrum)).astype(np.float32)
-
-def radial_bins(height: int, width: int) -> np.ndarray:
-    "Integer distance of each pixel from the spectrum centre."
-    yy, xx = np.indices((height, width))
-    return np.hypot(yy - height // 2, xx - width // 2).astype(np.int64)
-
-def azimuthal_average(spectra: np.ndarray) -> np.ndarray:
-    "Mean over rings of equal radius: (N, H, W) -> (N, R), with R = ceil of the half-diagonal."
-    spectra = np.asarray(spectra, dtype=np.float64)
-    single = spectra.ndim == 2
-    spectra = spectra[None] if single else spectra
-    n, h, w = spectra.shape
-    bins = radial_bins(h, w).ravel()
-    one_hot = np.zeros((bins.size, bins.max() + 1))
-    one_hot[np.arange(bins.size), bins] = 1.0
-    profile = spectra.reshape(n, -1) @ one_hot / one_hot.sum(axis=0)
-    return (profile[0] if single else profile).astype(np.float32)
-
-def to_gray_batch(images) -> np.ndarray:
-    "A list of PIL images or HxWx3 arrays as a float (N, H, W) luminance batch."
-    arrays = [np.asarray(im.convert("L") if isinstance(im, Image.Image) else Image.fromarray(im).convert("L"))
-              for im in images]
-    return np.stack(arrays).astype(np.float32)
+__all__ = ['split_features', 'spectral_baseline', 'plot_mean_spectra', 'run']
 
 # %% ../nbs/03_features.ipynb #a75d644d
-def spectral_features(gray: np.ndarray) -> np.ndarray:
-    "The azimuthal log spectrum of each image, without the DC ring (it only measures mean brightness)."
-    return azimuthal_average(log_spectrum(gray))[:, 1:]
-
-def chunks(n: int, chunk_size: int):
-    "Slices covering range(n) in order, `chunk_size` at a time."
-    check_param("chunk_size", chunk_size, low=1)
-    return (slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size))
-
 def split_features(processed_dir, rows: pd.DataFrame, chunk_size: int = 512) -> dict:
     """Features of the processed crops `rows` (manifest rows), read `chunk_size` at a time: `X` spectral, `S`
     shortcut (`SHORTCUT_FEATURES`), `y`, and per class (0 real, 1 fake) the sum and count of 2-D log spectra."""
@@ -104,3 +67,54 @@ def plot_mean_spectra(mean_2d: dict, mean_1d: dict, path) -> Path:
     axes[2].set_title("azimuthal average")
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
     return path
+
+# %% ../nbs/03_features.ipynb #ca6d2271
+def run(params: dict) -> dict:
+    """The features stage: spectral and shortcut features of every split into `out_dir`, the class-mean spectra and
+    their figure, and the two baselines fitted on train (`model_path`, `shortcut_model_path`). Returns the features
+    and the baselines' AUC per split."""
+    import time
+
+    import joblib
+    from sklearn.metrics import roc_auc_score
+
+    log = get_logger("deepguard.features")
+    seed_everything(params["seed"])
+    processed, features_dir = resolve(params["processed_dir"]), resolve(params["out_dir"])
+    if not (processed / "manifest.csv").is_file():
+        raise FileNotFoundError(f"{processed / 'manifest.csv'} is missing: run the preprocess stage first.")
+    features_dir.mkdir(parents=True, exist_ok=True)
+    manifest = pd.read_csv(processed / "manifest.csv", keep_default_na=False)
+    data, timing = {}, {}
+    for split in ("train", "val", "test", "external"):
+        rows = manifest[manifest.split == split].reset_index(drop=True)
+        if not len(rows):          # a real dataset has no external split unless you add one
+            continue
+        start = time.perf_counter()
+        data[split] = split_features(processed, rows, params["chunk_size"])
+        timing[split] = (time.perf_counter() - start) / len(rows) * 1000
+        np.savez_compressed(features_dir / f"{split}.npz", X=data[split]["X"], S=data[split]["S"], y=data[split]["y"],
+                            path=rows.path.to_numpy().astype(str))
+    train = data["train"]
+    mean_2d = {label: (train["spectrum_sum"][k] / train["spectrum_count"][k]).astype(np.float32)
+               for k, label in enumerate(("real", "fake"))}
+    mean_1d = {label: azimuthal_average(mean_2d[label]) for label in mean_2d}
+    np.savez_compressed(features_dir / "mean_spectra.npz", **{f"{k}_2d": v for k, v in mean_2d.items()},
+                        **{f"{k}_1d": v for k, v in mean_1d.items()})
+    plot_mean_spectra(mean_2d, mean_1d, resolve(params["figures_dir"]) / "mean_spectra.png")
+
+    model = spectral_baseline(params["seed"]).fit(train["X"], train["y"])
+    resolve(params["model_path"]).parent.mkdir(parents=True, exist_ok=True)
+    joblib.dump(model, resolve(params["model_path"]))
+    shortcut = spectral_baseline(params["seed"]).fit(train["S"], train["y"])
+    joblib.dump(shortcut, resolve(params["shortcut_model_path"]))
+    def aucs(m, key):
+        return {split: round(float(roc_auc_score(d["y"], m.predict_proba(d[key])[:, 1])), 4)
+                for split, d in data.items() if len(set(d["y"])) == 2}
+    summary = aucs(model, "X")
+    write_json(features_dir / "summary.json", {"spectral_auc": summary, "shortcut_auc": aucs(shortcut, "S"),
+                                               "ms_per_image": timing["train"], "n_features": int(train["X"].shape[1]),
+                                               "shortcut_features": SHORTCUT_FEATURES})
+    log.info("spectral baseline AUC %s; %.3f ms/image (read, spectrum, azimuthal average, shortcut features)", summary,
+             timing["train"])
+    return dict(data=data, spectral_auc=summary)

@@ -20,8 +20,8 @@ import pandas as pd
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from .core import (IMAGE_SUFFIXES, DataLayoutError, DeepGuardError, InvalidImageError, ParamsError, check_param,
-                            file_sha256, get_logger, load_image, resolve, seed_everything, write_json)
+from .core import DataLayoutError, DeepGuardError, InvalidImageError, ParamsError, check_param, file_sha256, get_logger, resolve, seed_everything, write_json
+from .images import IMAGE_SUFFIXES, load_image
 from .decoders import parse_designs, reconstruct, train_autoencoder
 from .faces import FACE_CHAIN, detect_face, encode_jpeg, face_detector, sharpness, square_box
 
@@ -33,7 +33,7 @@ __all__ = ['MANIFEST_COLUMNS', 'ACQUISITION_COLUMNS', 'QUARANTINE_COLUMNS', 'LAB
            'celeba_files', 'olivetti_faces', 'sample_photos', 'template_rule', 'template_family', 'template_files',
            'template_frames', 'not_photoreal', 'diffusion_faces', 'draw_target', 'draw_quality', 'webp_round_trip',
            'Acquired', 'crop_statistics', 'match_statistics', 'frame_tighter', 'acquire', 'decoder_fakes', 'build_demo',
-           'scan_layout', 'sample_per_class', 'import_dataset']
+           'scan_layout', 'sample_per_class', 'import_dataset', 'run']
 
 # %% ../nbs/01_ingest.ipynb #8bba13c3
 MANIFEST_COLUMNS = ["path", "label", "source", "generator", "split", "sha256", "license", "width", "height"]
@@ -58,6 +58,7 @@ def _unit_hash(*parts) -> float:
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
+# %% ../nbs/01_ingest.ipynb #2a2f7256
 def split_sources(sources: Iterable[str], seed: int, val_frac: float, test_frac: float) -> dict[str, str]:
     "Map each distinct source of one class to 'train', 'val' or 'test'."
     ordered = sorted(set(sources), key=lambda s: (_unit_hash(seed, s), s))
@@ -67,6 +68,7 @@ def split_sources(sources: Iterable[str], seed: int, val_frac: float, test_frac:
     n_test, n_val = count(test_frac), count(val_frac)
     return {s: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, s in enumerate(ordered)}
 
+# %% ../nbs/01_ingest.ipynb #e78dd974
 def assign_splits(frame: pd.DataFrame, seed: int, val_frac: float, test_frac: float) -> pd.Series:
     "The split of every row, made per label over its sources."
     mapping = {}
@@ -83,6 +85,7 @@ def package_dir(name: str) -> Path:
         raise DeepGuardError(f"Package {name!r} is not installed; `make setup` installs the demo corpus packages.")
     return Path(list(spec.submodule_search_locations)[0])
 
+# %% ../nbs/01_ingest.ipynb #aefa9983
 def dcgan_faces(seeds: Iterable[int], batch_size: int = 64) -> Iterator[tuple[int, np.ndarray]]:
     "Yield (seed, 64x64x3 uint8 face) from gan-face-generate's DCGAN, one latent vector per seed."
     import torch
@@ -147,6 +150,7 @@ def celeba_files(n: int) -> list[Path]:
     check_param("n_celeba", n, low=0, high=len(files))
     return files[:n]
 
+# %% ../nbs/01_ingest.ipynb #37d98ce8
 def olivetti_faces(n: int = 400) -> Iterator[tuple[int, int, np.ndarray]]:
     "Yield (person, index, 64x64x3 uint8) for the first `n` Olivetti faces (10 per person)."
     from sklearn.datasets import fetch_olivetti_faces
@@ -156,6 +160,7 @@ def olivetti_faces(n: int = 400) -> Iterator[tuple[int, int, np.ndarray]]:
         gray = np.clip(data.images[i] * 255 + 0.5, 0, 255).astype(np.uint8)
         yield int(data.target[i]), i, np.stack([gray] * 3, axis=-1)
 
+# %% ../nbs/01_ingest.ipynb #a1320b2b
 def sample_photos() -> list[tuple[str, str, np.ndarray]]:
     "(name, licence, RGB uint8 array) of the bundled real photographs that contain a face."
     import matplotlib.cbook as cbook
@@ -201,6 +206,7 @@ def _mentions(workflow: str, tokens) -> bool:
     words = re.split(r"[_\-.]", name)
     return any(t in name if ("_" in t or len(t) > 5) else any(w.startswith(t) for w in words) for t in tokens)
 
+# %% ../nbs/01_ingest.ipynb #02d2b530
 def template_rule(workflow: str, index: int, n_files: int) -> str:
     "The first of `TEMPLATE_RULES` that drops file `index` of a workflow with `n_files` files, or '' to keep it."
     if _mentions(workflow, NOT_IMAGE_GENERATION):
@@ -213,6 +219,7 @@ def template_rule(workflow: str, index: int, n_files: int) -> str:
         return "input_of_conditioned_workflow"
     return ""
 
+# %% ../nbs/01_ingest.ipynb #97bb71a8
 def template_family(workflow: str) -> str:
     "The generator family named in a workflow, or 'other'."
     name = workflow.lower()
@@ -236,6 +243,7 @@ def template_files() -> pd.DataFrame:
                              rule=template_rule(workflow, int(index), counts[workflow])))
     return pd.DataFrame(rows, columns=["package", "version", "file", "path", "workflow", "index", "family", "rule"])
 
+# %% ../nbs/01_ingest.ipynb #eb574d52
 def template_frames(path, n_frames: int = 3) -> list[tuple[int, Image.Image]]:
     "(frame index, upright RGB image) for up to `n_frames` evenly spaced frames of an (animated) image file."
     data = Path(path).read_bytes()
@@ -260,6 +268,7 @@ def not_photoreal(path) -> dict[str, str]:
         raise DataLayoutError(f"{path} must have the columns file,reason with a reason on every row.")
     return dict(zip(table.file, table.reason))
 
+# %% ../nbs/01_ingest.ipynb #1cf063da
 def diffusion_faces(exclude: dict[str, str], n_frames: int = 3, min_face: int = 48, min_family: int = 3,
                     detector=None, templates: pd.DataFrame | None = None) -> tuple[list[dict], pd.DataFrame]:
     """([{image, source, generator, license, package, file, workflow, frame, ...}], drops): the photoreal face images
@@ -292,16 +301,19 @@ def diffusion_faces(exclude: dict[str, str], n_frames: int = 3, min_face: int = 
 def _unit(seed, *parts) -> float:
     return _unit_hash("acquire", seed, *parts)
 
+# %% ../nbs/01_ingest.ipynb #6d7db9e6
 def draw_target(source: str, seed: int, native_min: int, native_max: int) -> int:
     "A face resolution drawn log-uniformly from [native_min, native_max] for one source."
     check_param("native_min", native_min, low=16, high=native_max)
     return int(round(np.exp(np.log(native_min) + _unit(seed, source, "size") * np.log(native_max / native_min))))
 
+# %% ../nbs/01_ingest.ipynb #049a746b
 def draw_quality(source: str, seed: int, jpeg_min: int, jpeg_max: int) -> int:
     "A JPEG quality drawn uniformly from [jpeg_min, jpeg_max] for one source."
     check_param("jpeg_min", jpeg_min, low=1, high=jpeg_max); check_param("jpeg_max", jpeg_max, low=jpeg_min, high=100)
     return int(jpeg_min + int(_unit(seed, source, "quality") * (jpeg_max - jpeg_min + 1)))
 
+# %% ../nbs/01_ingest.ipynb #f2d678ba
 def webp_round_trip(image: Image.Image, quality: int) -> Image.Image:
     "The image after one lossy WebP encoding at `quality` (what a WebP thumbnail went through)."
     check_param("webp_quality", quality, low=1, high=100)
@@ -309,6 +321,7 @@ def webp_round_trip(image: Image.Image, quality: int) -> Image.Image:
     image.convert("RGB").save(buffer, "WEBP", quality=quality, method=4)
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
+# %% ../nbs/01_ingest.ipynb #b1808bdb
 @dataclass(frozen=True)
 class Acquired:
     "One acquired image and what was done to it."
@@ -323,6 +336,7 @@ class Acquired:
     contrast_scale: float = 1.0    # matching: contrast factor applied (reals only)
     saturation_scale: float = 1.0  # matching: colour factor applied (reals only)
 
+# %% ../nbs/01_ingest.ipynb #fb633399
 def crop_statistics(image: Image.Image, square: tuple[int, int, int]) -> tuple[float, float, float]:
     "(sharpness, contrast, saturation) of the crop square (left, top, side): luminance gradient and std, mean HSV S."
     left, top, side = square
@@ -330,6 +344,7 @@ def crop_statistics(image: Image.Image, square: tuple[int, int, int]) -> tuple[f
     gray = np.asarray(crop.convert("L"), dtype=np.float64)
     return sharpness(gray), float(gray.std()), float(np.asarray(crop.convert("HSV"))[..., 1].mean())
 
+# %% ../nbs/01_ingest.ipynb #42643ce0
 def match_statistics(image: Image.Image, square, max_sharpness: float, max_contrast: float,
                      max_saturation: float) -> tuple[Image.Image, float, float, float]:
     "(image, blur sigma, contrast factor, saturation factor): the crop made no more saturated, contrasted or sharp than asked."
@@ -354,6 +369,7 @@ def match_statistics(image: Image.Image, square, max_sharpness: float, max_contr
         image = image.filter(ImageFilter.GaussianBlur(sigma))
     return image, sigma, factor, colour
 
+# %% ../nbs/01_ingest.ipynb #b5aaf233
 def frame_tighter(image: Image.Image, box, framing: float, margin: float = FACE_CHAIN["margin"]) -> tuple[Image.Image, tuple | None]:
     "(image cut to a square around the face so that face side / square side = `framing`, the box in it); unchanged if the chain's crop is as tight."
     if box is None or framing <= 0:
@@ -365,6 +381,7 @@ def frame_tighter(image: Image.Image, box, framing: float, margin: float = FACE_
     frame = image.crop((left, top, left + side, top + side))
     return frame, (box[0] - left, box[1] - top, box[2], box[3])
 
+# %% ../nbs/01_ingest.ipynb #ed45edac
 def acquire(image: Image.Image, target: int, quality: int, detector=None,
             match: tuple[float, float, float, float] | None = None, margin: float = FACE_CHAIN["margin"],
             detect_max_side: int = FACE_CHAIN["detect_max_side"]) -> Acquired:
@@ -430,6 +447,7 @@ def _row(out_dir: Path, rel: str, label, source, generator, split, license, **ac
                sha256=file_sha256(path), license=license, width=image.width, height=image.height)
     return {**row, **{k: acquisition.get(k, "") for k in ACQUISITION_COLUMNS}}
 
+# %% ../nbs/01_ingest.ipynb #e80fec3e
 def _choose(items: list, n: int, seed: int, key) -> list:
     "At most `n` of `items` (0 = all), the smallest seeded hashes of `key(item)`, in their order."
     if n <= 0 or len(items) <= n:
@@ -437,6 +455,7 @@ def _choose(items: list, n: int, seed: int, key) -> list:
     keep = set(sorted(range(len(items)), key=lambda i: _unit_hash(seed, "choose", key(items[i])))[:n])
     return [item for i, item in enumerate(items) if i in keep]
 
+# %% ../nbs/01_ingest.ipynb #3b2bb37c
 def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 200, n_celeba: int = 600,
                n_olivetti: int = 400, photos: bool = True, fake_seed: int = 1000, stylegan_psi: float = 0.7,
                native_min: int = 48, native_max: int = 144, jpeg_min: int = 70, jpeg_max: int = 95,
@@ -538,10 +557,12 @@ def _images_under(folder: Path) -> Iterator[Path]:
             if Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 yield Path(dirpath) / name
 
+# %% ../nbs/01_ingest.ipynb #18f29bc5
 def _layout_error(root: Path, layout: str, detail: str) -> DataLayoutError:
     return DataLayoutError(f"{root} does not look like the '{layout}' layout ({detail}). "
                            f"Expected: {LAYOUTS[layout]}")
 
+# %% ../nbs/01_ingest.ipynb #36381c5a
 def scan_layout(root, layout: str) -> Iterator[dict]:
     "Yield {file, label, generator, split} for every image of a dataset in one of `LAYOUTS`."
     root = Path(root)
@@ -585,6 +606,7 @@ def scan_layout(root, layout: str) -> Iterator[dict]:
     if missing:
         raise _layout_error(root, layout, f"no {' or '.join(missing)} images found")
 
+# %% ../nbs/01_ingest.ipynb #09ef88ed
 def sample_per_class(records: Iterable[dict], sample_size: int, seed: int, root) -> list[dict]:
     "Keep, per label, the `sample_size` records with the smallest seeded hash of their path (0 = keep all)."
     root = Path(root)
@@ -605,6 +627,7 @@ def sample_per_class(records: Iterable[dict], sample_size: int, seed: int, root)
         return kept_all
     return sorted((rec for heap in heaps.values() for _, _, rec in heap), key=lambda r: r["rel"])
 
+# %% ../nbs/01_ingest.ipynb #7bbaf825
 def import_dataset(root, layout: str, out_dir, sample_size: int = 0, seed: int = 42,
                    val_frac: float = 0.15, test_frac: float = 0.2) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Copy a (sampled) real dataset into `out_dir/images`; return (manifest, quarantine)."
@@ -631,3 +654,41 @@ def import_dataset(root, layout: str, out_dir, sample_size: int = 0, seed: int =
         train = manifest.split == "train"
         manifest.loc[train, "split"] = assign_splits(manifest[train], seed, val_frac, 0.0)
     return manifest, pd.DataFrame(bad, columns=QUARANTINE_COLUMNS)
+
+# %% ../nbs/01_ingest.ipynb #d8097550
+def run(params: dict) -> dict:
+    """The ingest stage: the demo corpus built from its packages (`dataset: demo`) or a real dataset imported, into
+    `out_dir` with `manifest.csv` and `quarantine.csv`. Returns the manifest, the quarantine and a split x label count."""
+    log = get_logger("deepguard.ingest")
+    check_param("dataset", params["dataset"], allowed={"demo", *LAYOUTS})
+    check_param("val_frac", params["val_frac"], low=0.0, high=0.5)
+    check_param("test_frac", params["test_frac"], low=0.05, high=0.5)
+    seed_everything(params["seed"])
+    raw_dir = resolve(params["out_dir"])
+    if raw_dir.exists():
+        shutil.rmtree(raw_dir)
+    raw_dir.mkdir(parents=True)
+    if params["dataset"] == "demo":
+        manifest, drops = build_demo(
+            raw_dir, params["n_stylegan"], params["n_dcgan"], params["n_vae"], params["n_celeba"], params["n_olivetti"],
+            True, params["fake_seed"], params["stylegan_psi"], params["native_min"], params["native_max"],
+            params["jpeg_min"], params["jpeg_max"], params["seed"], params["val_frac"], params["test_frac"],
+            n_diffusion=params["n_diffusion"], diffusion_frames=params["diffusion_frames"],
+            diffusion_min_family=params["diffusion_min_family"], diffusion_external=params["diffusion_external"],
+            diffusion_exclude=resolve(params["diffusion_exclude"]) if params["diffusion_exclude"] else None,
+            webp_min=params["webp_min"], webp_max=params["webp_max"], decoder_designs=params["decoder_designs"],
+            decoder_external=params["decoder_external"], decoder_steps=params["decoder_steps"], log=log)
+        drops.to_csv(raw_dir / "diffusion_drops.csv", index=False)
+        quarantine = pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    else:
+        if not params["data_path"]:
+            raise ParamsError(f"dataset={params['dataset']!r} needs ingest.data_path: the folder laid out as "
+                              f"{LAYOUTS[params['dataset']]}")
+        manifest, quarantine = import_dataset(resolve(params["data_path"]), params["dataset"], raw_dir,
+                                              params["sample_size"], params["seed"], params["val_frac"],
+                                              params["test_frac"])
+    manifest.to_csv(raw_dir / "manifest.csv", index=False)
+    quarantine.to_csv(raw_dir / "quarantine.csv", index=False)
+    log.info("wrote %d images (%d quarantined) to %s", len(manifest), len(quarantine), raw_dir)
+    return dict(manifest=manifest, quarantine=quarantine,
+                summary=manifest.groupby(["split", "label"]).size().unstack(fill_value=0))

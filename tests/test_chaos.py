@@ -21,7 +21,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from conftest import BIN, answers_ok, background_server, free_port
+from tests.helpers import BIN, answers_ok, background_server, free_port
 
 TOKEN = "chaos-token-123"
 MAX_BODY = 1_000_000

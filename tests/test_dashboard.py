@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import BIN, background_server, free_port
+from tests.helpers import BIN, background_server, free_port
 
 CHROMIUM = os.environ.get("DEEPGUARD_CHROMIUM", "/usr/bin/chromium")   # Debian's; another path on other systems
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

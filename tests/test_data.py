@@ -1,71 +1,14 @@
 """Importers on fixture trees of every layout, and bad files through ingest: named reasons, nothing else lost."""
-import io
-import struct
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run
-from deepguard.core import DataLayoutError, InvalidImageError, load_image
+from tests.helpers import BAD_FILES, ODD_BUT_VALID, ROOT, papermill, png_bytes, rgb, write_tree
+from deepguard.core import DataLayoutError, InvalidImageError
+from deepguard.images import load_image
 from deepguard.ingest import import_dataset, sample_per_class, scan_layout
-
-
-def png_bytes(image: Image.Image, fmt="PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def rgb(value, size=(32, 32)) -> bytes:
-    rng = np.random.default_rng(value)
-    return png_bytes(Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)))
-
-
-def bomb_header_png(width=100_000, height=100_000) -> bytes:
-    "A tiny PNG whose header claims width x height pixels."
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-def write_tree(root: Path, files: dict) -> Path:
-    for rel, content in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
-    return root
-
-
-def exif_rotated() -> bytes:
-    image = Image.new("RGB", (40, 20), (0, 200, 0))
-    exif = image.getexif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    return png_bytes(image, "JPEG", exif=exif)
-
-
-GOOD_JPEG = png_bytes(Image.new("RGB", (64, 64), (90, 20, 30)), "JPEG")
-BAD_FILES = {  # file name -> (content, reason the decoder must give)
-    "empty.png": (b"", "empty"),
-    "text.jpg": (b"this is a text file, not an image\n" * 4, "not_image"),
-    "truncated.jpg": (GOOD_JPEG[: len(GOOD_JPEG) // 2], "corrupt"),
-    "garbage_png.png": (b"\x89PNG\r\n\x1a\n" + b"\x00\x01garbage" * 20, "corrupt"),
-    "bomb_header.png": (bomb_header_png(), "too_large"),
-    "bomb_real.png": (png_bytes(Image.new("1", (8000, 8000))), "too_large"),
-    "one_pixel.png": (png_bytes(Image.new("RGB", (1, 1))), "too_small"),
-}
-ODD_BUT_VALID = {  # file name -> (content, expected (width, height))
-    "gray.png": (png_bytes(Image.new("L", (30, 20), 100)), (30, 20)),
-    "rgba.png": (png_bytes(Image.new("RGBA", (30, 20), (1, 2, 3, 4))), (30, 20)),
-    "cmyk.jpg": (png_bytes(Image.new("CMYK", (30, 20), (0, 50, 50, 0)), "JPEG"), (30, 20)),
-    "sixteen.png": (png_bytes(Image.fromarray(np.full((20, 30), 40000, np.uint16))), (30, 20)),
-    "palette.gif": (png_bytes(Image.new("RGB", (30, 20), (9, 9, 200)).convert("P"), "GIF"), (30, 20)),
-    "exif_rotated.jpg": (exif_rotated(), (20, 40)),
-}
 
 
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
@@ -152,8 +95,9 @@ def test_ingest_stage_on_a_real_dataset_folder(tmp_path):
     files["fake/broken.png"] = b""
     root = write_tree(tmp_path / "ds", files)
     out = tmp_path / "raw"
-    run(["papermill", "--no-progress-bar", "-k", "python3", str(ROOT / "nbs/01_ingest.ipynb"), str(tmp_path / "out.ipynb"),
-         "-p", "dataset", "generic", "-p", "data_path", str(root), "-p", "out_dir", str(out)], ROOT)
+    proc = papermill("nbs/01_ingest.ipynb", tmp_path / "out.ipynb", ROOT, dataset="generic", data_path=root, out_dir=out,
+                     val_frac=0.25, test_frac=0.25)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     manifest = pd.read_csv(out / "manifest.csv")
     quarantine = pd.read_csv(out / "quarantine.csv")
     assert len(manifest) == 12 and quarantine.reason.tolist() == ["empty"]
@@ -161,7 +105,5 @@ def test_ingest_stage_on_a_real_dataset_folder(tmp_path):
 
 
 def test_ingest_stage_refuses_missing_data_path(tmp_path):
-    proc = run(["papermill", "--no-progress-bar", "-k", "python3", str(ROOT / "nbs/01_ingest.ipynb"),
-                str(tmp_path / "out.ipynb"), "-p", "dataset", "cifake", "-p", "out_dir", str(tmp_path / "raw")],
-               ROOT, check=False)
+    proc = papermill("nbs/01_ingest.ipynb", tmp_path / "out.ipynb", ROOT, dataset="cifake", out_dir=tmp_path / "raw")
     assert proc.returncode != 0 and "needs ingest.data_path" in proc.stdout + proc.stderr

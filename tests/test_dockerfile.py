@@ -9,7 +9,7 @@ import re
 import shlex
 import subprocess
 
-from conftest import BIN, ROOT
+from tests.helpers import BIN, ROOT
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from deepguard.faces import face_detector
-from face_fixtures import fixture_arrays
+from tests.face_fixtures import fixture_arrays
 
 RECORDED = json.loads((Path(__file__).parent / "fixtures" / "face_boxes.json").read_text())
 FIXTURES = dict(fixture_arrays())

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, answers_ok, free_port, post, run
+from tests.helpers import BIN, ROOT, answers_ok, free_port, post, run
 from deepguard.predict import classify
 
 if not (shutil.which("podman") and shutil.which("debootstrap")):

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import BIN, ROOT
+from tests.helpers import BIN, ROOT
 
 K8S = ROOT / "deploy" / "k8s"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from conftest import BIN, post
+from tests.helpers import BIN, post
 
 HEAVY = ("tensorflow", "keras", "torch", "mtcnn")
 
@@ -25,7 +25,7 @@ answer = classify(image, model=model)
 from deepguard.cli import main
 code = main(["classify", image, "--json", "--model", model])
 import mlflow, mlflow.pyfunc, pandas as pd
-from deepguard.core import encode_image_b64
+from deepguard.images import encode_image_b64
 mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
 served = mlflow.pyfunc.load_model(json.loads((project / "reports" / "registry.json").read_text())["model_uri"])
 out = served.predict(pd.DataFrame({"image": [encode_image_b64(Path(image).read_bytes())]}))
@@ -52,7 +52,7 @@ def test_answering_paths_import_no_tensorflow(tiny_project):
 
 def test_model_server_maps_no_tensorflow(model_server, tiny_project):
     "The running server and its inference workers: no TensorFlow library in their address space, and they answer."
-    from deepguard.core import encode_image_b64
+    from deepguard.images import encode_image_b64
     status, body = post(model_server["base"] + "/invocations",
                         {"dataframe_split": {"columns": ["image"], "data": [[encode_image_b64(_first_image(tiny_project).read_bytes())]]}})
     assert status == 200, body

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import ROOT, answers_ok, background_server, free_port
+from tests.helpers import ROOT, answers_ok, background_server, free_port
 
 MONITORING = ROOT / "deploy" / "monitoring"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")

@@ -4,18 +4,19 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import BIN, ROOT, free_port
+from tests.helpers import BIN, ROOT, free_port
 
 # The pipeline's own backbone (ImageNet EfficientNet-Lite0, frozen in phase 1: no batch statistics), augmentation
 # on, dropout off (each replica would draw its own masks), 16 training crops in one batch of 16: every step splits
 # 8 + 8 across the two workers (with an uneven split, each replica's mean loss weights its images differently).
-PARAMS = dict(backbone="efficientnet_lite0", input_size=64, batch_size=16, epochs=3, fine_tune_epochs=0,
+PARAMS = dict(backbone="efficientnet_lite0", batch_size=16, epochs=3, fine_tune_epochs=0,
               learning_rate=0.01, augment_p=0.5, grayscale_p=0.2, dropout=0.0, patience=5, seed=7)
 TOLERANCE = 1e-5     # largest |difference| in P(fake) on the validation crops, one worker against two
 
@@ -25,8 +26,9 @@ def train(project, processed, out, tf_config=None, log=None):
     params = {**PARAMS, "processed_dir": processed, "model_path": out / "detector.keras",
               "history_path": out / "history.csv", "checkpoint_path": out / "best.keras",
               "weights_cache": project / "models" / "backbones", "figures_dir": out / "figures"}
+    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}
     cmd = [str(BIN / "papermill"), "--no-progress-bar", "-k", "python3", str(ROOT / "nbs" / "05_train.ipynb"),
-           str(out / "train.ipynb")] + [a for k, v in params.items() for a in ("-p", k, str(v))]
+           str(out / "train.ipynb"), "-p", "params_path", "params.yaml", "-y", json.dumps({"overrides": overrides})]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2",
            "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}", "PYTHONHASHSEED": "0"}
     env.pop("TF_CONFIG", None)

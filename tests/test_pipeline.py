@@ -1,6 +1,7 @@
 """End to end: every stage of `dvc repro` on a tiny configuration, and the DVC contract around it."""
 import json
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -8,7 +9,7 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from conftest import ROOT, TINY_PARAMS, run
+from tests.helpers import ROOT, TINY_PARAMS, papermill, run
 
 STAGES = ["ingest", "preprocess", "features", "train", "evaluate", "register"]
 
@@ -60,8 +61,8 @@ def test_ingest_manifest(tiny_project):
 def test_ingest_is_reproducible(tiny_project, tmp_path):
     "The same seeds give byte-identical raw files: a second ingest into another folder matches the manifest's hashes."
     out = tmp_path / "again"
-    run(["papermill", "--no-progress-bar", "-k", "python3", "nbs/01_ingest.ipynb", str(tmp_path / "out.ipynb"),
-         *[a for k, v in TINY_PARAMS["ingest"].items() for a in ("-p", k, str(v))], "-p", "out_dir", str(out)], tiny_project)
+    proc = papermill("nbs/01_ingest.ipynb", tmp_path / "out.ipynb", tiny_project, out_dir=out)   # its params.yaml: tiny
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first = pd.read_csv(tiny_project / "data" / "raw" / "manifest.csv", keep_default_na=False)
     again = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     assert first.sha256.tolist() == again.sha256.tolist() and first.split.tolist() == again.split.tolist()
@@ -136,12 +137,9 @@ def test_failed_training_ends_the_run_failed_and_writes_no_model(tiny_project, t
     bad = tmp_path / "damaged.npz"
     bad.write_bytes(b"not an npz")
     out = tmp_path / "models" / "detector.keras"
-    proc = run(["papermill", "--no-progress-bar", "-k", "python3", "nbs/05_train.ipynb", str(tmp_path / "out.ipynb"),
-                "-p", "processed_dir", "data/processed", "-p", "model_path", str(out), "-p", "backbone_weights", str(bad),
-                "-p", "backbone", "efficientnet_lite0", "-p", "history_path", str(tmp_path / "h.csv"),
-                "-p", "checkpoint_path", str(tmp_path / "c.keras"), "-p", "figures_dir", str(tmp_path / "fig"),
-                "-p", "input_size", str(TINY_PARAMS["train"]["input_size"])],
-               tiny_project, check=False)
+    proc = papermill("nbs/05_train.ipynb", tmp_path / "out.ipynb", tiny_project, model_path=out, backbone_weights=bad,
+                     backbone="efficientnet_lite0", history_path=tmp_path / "h.csv",
+                     checkpoint_path=tmp_path / "c.keras", figures_dir=tmp_path / "fig")
     assert proc.returncode != 0
     assert not out.exists() and not list(tmp_path.glob("models/*")), "a failed run left a model behind"
     client = mlflow_client(tiny_project)
@@ -150,11 +148,11 @@ def test_failed_training_ends_the_run_failed_and_writes_no_model(tiny_project, t
     assert latest.info.status == "FAILED" and latest.data.params["backbone_weights"] == str(bad)
 
 
-def test_train_refuses_an_input_size_other_than_the_face_chain(tiny_project, tmp_path):
-    proc = run(["papermill", "--no-progress-bar", "-k", "python3", "nbs/05_train.ipynb", str(tmp_path / "out.ipynb"),
-                "-p", "processed_dir", "data/processed", "-p", "model_path", str(tmp_path / "m.keras"),
-                "-p", "input_size", "96"], tiny_project, check=False)
-    assert proc.returncode != 0 and "must equal preprocess.image_size=64" in proc.stdout + proc.stderr
+def test_stage_refuses_an_unknown_parameter(tiny_project, tmp_path):
+    "A misspelt override names the stage and what its section has; nothing is written."
+    proc = papermill("nbs/05_train.ipynb", tmp_path / "out.ipynb", tiny_project, epoch=3, model_path=tmp_path / "m.keras")
+    assert proc.returncode != 0 and "train has no parameter epoch;" in proc.stdout + proc.stderr
+    assert not (tmp_path / "m.keras").exists()
 
 
 def test_evaluate_outputs(tiny_project):
@@ -267,42 +265,64 @@ def test_push_and_pull_restore_outputs(tiny_project):
     assert "up to date" in run(["dvc", "status"], tiny_project).stdout
 
 
-def test_dvc_params_match_notebooks():
-    """Every `-p name ${section.key}` in dvc.yaml: name == key, the key exists in params.yaml's section for that
-    stage, the notebook's one `parameters` cell defines it, and every key of the section is passed."""
+def test_every_value_is_written_once():
+    """params.yaml is the one home of a stage's values: dvc.yaml passes only its path to papermill and lists the
+    stage's section as its params; the notebook's parameters cell holds only the path and one run's overrides; every key
+    of the section is read by the stage's module, and every `params["key"]` it reads is in the section."""
     import ast
-    import re
     import nbformat
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert list(dvc["stages"]) == STAGES
     for stage, spec in dvc["stages"].items():
-        cmd = spec["cmd"]
-        notebook = re.search(r"papermill .*?(nbs/\S+\.ipynb) (reports/nbs/\S+\.ipynb)", cmd)
-        assert notebook, f"{stage}: not a papermill command"
-        pairs = re.findall(r"-p (\w+) '?\$\{(\w+)\.(\w+)\}'?", cmd)
-        assert len(pairs) == cmd.count("-p "), f"{stage}: a -p value is not a ${{section.key}} reference"
-        nb = nbformat.read(ROOT / notebook.group(1), as_version=4)
-        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-        assert len(tagged) == 1, f"{notebook.group(1)} must have exactly one parameters cell"
-        defined = {t.id for node in ast.parse(tagged[0].source).body for t in node.targets}
-        for name, section, key in pairs:
-            assert name == key and section == stage, f"{stage}: -p {name} ${{{section}.{key}}}"
-            assert key in params[stage], f"params.yaml has no {stage}.{key}"
-            assert name in defined, f"{notebook.group(1)} parameters cell lacks {name}"
-        assert {k for _, _, k in pairs} == set(params[stage]), f"{stage}: params.yaml keys not all passed"
+        notebook = next(d for d in spec["deps"] if d.startswith("nbs/"))
+        assert spec["cmd"] == (f"papermill --no-progress-bar -k python3 {notebook} reports/{notebook} "
+                               "-p params_path params.yaml"), stage
         assert spec["params"] == [stage]
+        nb = nbformat.read(ROOT / notebook, as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{notebook} must have exactly one parameters cell"
+        assert {t.id for node in ast.parse(tagged[0].source).body for t in node.targets} == {"params_path", "overrides"}
+        source = (ROOT / "deepguard" / f"{stage}.py").read_text()
+        read = {node.slice.value for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Subscript)
+                and isinstance(node.value, ast.Name) and node.value.id == "params" and isinstance(node.slice, ast.Constant)}
+        assert read <= set(params[stage]), f"deepguard/{stage}.py reads {sorted(read - set(params[stage]))}, not in params.yaml"
+        unread = [k for k in params[stage] if f'"{k}"' not in source]
+        assert unread == [], f"params.yaml {stage}: {unread} never read by deepguard/{stage}.py"
+
+
+def project_imports(text: str) -> set:
+    "The deepguard modules a notebook's or module's code imports, lazily or not."
+    import re
+    found = re.findall(r"^\s*(?:from\s+(?:deepguard\.|\.)(\w+)\s+import|import\s+deepguard\.(\w+))", text, re.M)
+    return {a or b for a, b in found} - {"_modidx"}
+
+
+def test_stage_deps_list_every_module_the_stage_imports():
+    """A change to any project module a stage imports (its notebook's code, then each module's imports, transitively)
+    re-runs the stage: dvc.yaml's deps list them all, and the stage's own module."""
+    import nbformat
+    for stage, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        notebook = next(d for d in spec["deps"] if d.startswith("nbs/"))
+        code = "\n".join(c.source for c in nbformat.read(ROOT / notebook, as_version=4).cells if c.cell_type == "code")
+        needed, todo = set(), list(project_imports(code) | {stage})
+        while todo:
+            module = todo.pop()
+            if module not in needed:
+                needed.add(module)
+                todo += project_imports((ROOT / "deepguard" / f"{module}.py").read_text())
+        listed = {Path(d).stem for d in spec["deps"] if d.startswith("deepguard/")}
+        assert needed <= listed, f"{stage}: dvc.yaml deps lack {sorted(f'deepguard/{m}.py' for m in needed - listed)}"
 
 
 def test_parallel_preprocess_is_byte_identical_to_serial(tiny_project, tmp_path):
     "The preprocess notebook with 1 and with 3 face-chain processes: the same files, byte for byte."
-    params = yaml.safe_load((tiny_project / "params.yaml").read_text())["preprocess"]
     outputs = {}
     for workers in (1, 3):
         out, reports = tmp_path / f"processed-{workers}", tmp_path / f"reports-{workers}"
-        args = [a for k, v in params.items() if k not in ("out_dir", "report_dir", "workers") for a in ("-p", k, str(v))]
-        run(["papermill", "--no-progress-bar", "-k", "python3", "nbs/02_preprocess.ipynb", str(tmp_path / f"pre-{workers}.ipynb"),
-             *args, "-p", "out_dir", str(out), "-p", "report_dir", str(reports), "-p", "workers", str(workers)], tiny_project)
+        proc = papermill("nbs/02_preprocess.ipynb", tmp_path / f"pre-{workers}.ipynb", tiny_project, out_dir=out,
+                         report_dir=reports, workers=workers)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         outputs[workers] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
         outputs[workers]["shortcut_audit.json"] = (reports / "shortcut_audit.json").read_bytes()
     assert len(outputs[1]) > 20 and outputs[1].keys() == outputs[3].keys()

@@ -9,22 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from deepguard.core import InvalidImageError, load_image
+from deepguard.core import InvalidImageError
+from deepguard.images import load_image
 from deepguard.predict import classify
-from conftest import run
-from test_data import BAD_FILES, GOOD_JPEG, ODD_BUT_VALID, png_bytes
-
-# Bad files beyond the decoder matrix: with BAD_FILES, 12 kinds of bad file, each with the reason it must give.
-GOOD_PNG = png_bytes(Image.new("RGB", (64, 64), (10, 200, 30)))
-MORE_BAD_FILES = {
-    "page.png": (b"<!doctype html><html><body>not an image</body></html>", "not_image"),
-    "archive.jpg": (b"PK\x03\x04" + b"\x00" * 60, "not_image"),
-    "truncated.png": (GOOD_PNG[: len(GOOD_PNG) - 40], "corrupt"),
-    "header_only.jpg": (GOOD_JPEG[:300], "corrupt"),
-    "small_15px.png": (png_bytes(Image.new("RGB", (15, 40))), "too_small"),
-}
-ALL_BAD_FILES = {**BAD_FILES, **MORE_BAD_FILES}
-
+from tests.helpers import ALL_BAD_FILES, GOOD_PNG, ODD_BUT_VALID, run
 
 @pytest.fixture(scope="module")
 def model_path(tiny_project):
@@ -124,6 +112,19 @@ def test_no_answer_has_confidence_below_one_half(model_path, tiny_project):
     answers = classify(files, model=model_path)
     assert len(answers) == len(files) and all(a.confidence >= 0.5 for a in answers)
     assert all((a.label == "FAKE") == (a.probability_fake >= 0.5) for a in answers)
+
+
+def test_a_model_with_an_incomplete_face_chain_record_is_refused(model_path, tmp_path):
+    "A model whose metadata lacks a face-chain setting is refused with what to do, not served with today's default."
+    import shutil
+    from deepguard.core import ParamsError
+    for name in ("detector.keras", "detector.json", "detector.xml", "detector.bin", "threshold.json"):
+        shutil.copy(model_path.parent / name, tmp_path / name)
+    meta = json.loads((tmp_path / "detector.json").read_text())
+    del meta["processing"]["margin"]
+    (tmp_path / "detector.json").write_text(json.dumps(meta))
+    with pytest.raises(ParamsError, match=r"lacks \['margin'\].*Retrain it"):
+        classify(GOOD_PNG, model=tmp_path / "detector.keras")
 
 
 def test_registry_fallback_matches_local_model(model_path, tiny_project, monkeypatch):

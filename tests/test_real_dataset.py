@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import copy_project, run, set_params
+from tests.helpers import copy_project, run, set_params
 
 SPLITS = {"train": 12, "valid": 5, "test": 5}     # images per class and split
 

@@ -12,10 +12,8 @@ import urllib.request
 
 import pytest
 
-from conftest import MAX_BODY, answers_ok, post
+from tests.helpers import ALL_BAD_FILES, MAX_BODY, ODD_BUT_VALID, answers_ok, post
 from deepguard.predict import classify
-from test_predict import ALL_BAD_FILES
-from test_data import ODD_BUT_VALID
 
 
 def b64(data: bytes) -> str:

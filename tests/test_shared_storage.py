@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from conftest import BIN, answers_ok, background_server, free_port, run
+from tests.helpers import BIN, answers_ok, background_server, free_port, run
 
 BUCKET = "deepguard-team"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",

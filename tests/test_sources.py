@@ -12,7 +12,7 @@ from deepguard.ingest import (COMFY_PACKAGES, TEMPLATE_RULES, diffusion_faces, n
                               template_frames, webp_round_trip)
 from deepguard.preprocess import shortcut_audit, webp_history
 
-from conftest import ROOT
+from tests.helpers import ROOT
 
 PINNED = {"comfyui-workflow-templates-media-assets-01": "0.1.48", "comfyui-workflow-templates-media-assets-02": "0.1.24",
           "comfyui-workflow-templates-media-other": "0.3.229", "comfyui-workflow-templates-media-video": "0.3.101"}

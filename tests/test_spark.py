@@ -6,7 +6,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from conftest import run
+from tests.helpers import run
 
 MODEL = "models:/deepguard-detector-test@champion"
 

@@ -4,7 +4,7 @@ import subprocess
 
 import yaml
 
-from conftest import BIN, ROOT
+from tests.helpers import BIN, ROOT
 
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yaml"
 

@@ -9,10 +9,10 @@ import tempfile
 
 import mlflow
 
-from deepguard.core import mlflow_setup
+from deepguard.core import REGISTRY_MODEL, mlflow_setup
 
 
-def main(uri: str = "models:/deepguard-detector@champion", dest: str = "build/image/model") -> None:
+def main(uri: str = REGISTRY_MODEL, dest: str = "build/image/model") -> None:
     mlflow_setup()                      # the project's tracking store, or MLFLOW_TRACKING_URI
     shutil.rmtree(dest, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
