@@ -125,8 +125,10 @@ def main():
             seconds[name].append(time.perf_counter() - t); found[name].append(box)
             t = time.perf_counter(); face_chain(image, params, d); chain_seconds[name].append(time.perf_counter() - t)
     ref, ov = found["tensorflow"], found["openvino"]
-    crops = [(square_box(a, im.width, im.height, params["margin"]), square_box(b, im.width, im.height, params["margin"]))
-             for a, b, im in zip(ov, ref, images)]
+    crops = [
+        (square_box(a, im.width, im.height, params["margin"]), square_box(b, im.width, im.height, params["margin"]))
+        for a, b, im in zip(ov, ref, images)
+    ]
     both = [(a, b) for a, b in zip(ov, ref) if a is not None and b is not None]
     per = lambda xs: {"mean_ms": round(1000 * float(np.mean(xs)), 2), "p50_ms": round(1000 * float(np.median(xs)), 2)}
 
@@ -136,37 +138,56 @@ def main():
             blaze_boxes, blaze_s = [], []
             blazeface_largest(model, size, anchors, images[0])
             for image in images:
-                t = time.perf_counter(); blaze_boxes.append(blazeface_largest(model, size, anchors, image))
+                t = time.perf_counter()
+                blaze_boxes.append(blazeface_largest(model, size, anchors, image))
                 blaze_s.append(time.perf_counter() - t)
             pairs = [(a, b) for a, b in zip(blaze_boxes, ref) if a is not None and b is not None]
             candidates[f"blazeface_{name}"] = {
                 "face_found_rate": round(float(np.mean([b is not None for b in blaze_boxes])), 4),
-                "box_iou_with_mtcnn": {"mean": round(float(np.mean([iou(a, b) for a, b in pairs])), 4) if pairs else None,
-                                       "median": round(float(np.median([iou(a, b) for a, b in pairs])), 4) if pairs else None,
-                                       "faces_in_both": len(pairs)},
-                "detect_per_image": per(blaze_s)}
+                "box_iou_with_mtcnn": {
+                    "mean": round(float(np.mean([iou(a, b) for a, b in pairs])), 4) if pairs else None,
+                    "median": round(float(np.median([iou(a, b) for a, b in pairs])), 4) if pairs else None,
+                    "faces_in_both": len(pairs),
+                },
+                "detect_per_image": per(blaze_s),
+            }
 
     rows = manifest.to_dict("records")
     raw = ROOT / "data" / "raw"
     runs = {}
     for workers in (1, 2):
-        t = time.perf_counter(); out = list(chain_rows(raw, rows, params, workers)); runs[workers] = (time.perf_counter() - t, out)
+        t = time.perf_counter()
+        out = list(chain_rows(raw, rows, params, workers))
+        runs[workers] = (time.perf_counter() - t, out)
     same_bytes = all(a.get("jpeg") == b.get("jpeg") for a, b in zip(runs[1][1], runs[2][1]))
     from importlib.metadata import version
+
     result = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "openvino": version("openvino"),
-                    "tensorflow": version("tensorflow-cpu"), "mtcnn": version("mtcnn")},
-        "images": len(images), "sample": "all of data/raw" if not args.n else f"{args.n} (seed {args.seed})",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "openvino": version("openvino"),
+            "tensorflow": version("tensorflow-cpu"),
+            "mtcnn": version("mtcnn"),
+        },
+        "images": len(images),
+        "sample": "all of data/raw" if not args.n else f"{args.n} (seed {args.seed})",
         "face_found_rate": {k: round(float(np.mean([b is not None for b in v])), 4) for k, v in found.items()},
         "same_face_found": int(sum((a is None) == (b is None) for a, b in zip(ov, ref))),
         "same_crop_box": int(sum(a == b for a, b in crops)),
-        "box_iou_with_tensorflow": {"mean": round(float(np.mean([iou(a, b) for a, b in both])), 6) if both else None,
-                                    "min": round(float(np.min([iou(a, b) for a, b in both])), 6) if both else None,
-                                    "faces_in_both": len(both)},
+        "box_iou_with_tensorflow": {
+            "mean": round(float(np.mean([iou(a, b) for a, b in both])), 6) if both else None,
+            "min": round(float(np.min([iou(a, b) for a, b in both])), 6) if both else None,
+            "faces_in_both": len(both),
+        },
         "detect_per_image": {k: per(v) for k, v in seconds.items()},
         "face_chain_per_image": {k: per(v) for k, v in chain_seconds.items()},
-        "speedup_openvino": {"detect_mean": round(float(np.mean(seconds["tensorflow"]) / np.mean(seconds["openvino"])), 2),
-                             "face_chain_mean": round(float(np.mean(chain_seconds["tensorflow"]) / np.mean(chain_seconds["openvino"])), 2)},
+        "speedup_openvino": {
+            "detect_mean": round(float(np.mean(seconds["tensorflow"]) / np.mean(seconds["openvino"])), 2),
+            "face_chain_mean": round(
+                float(np.mean(chain_seconds["tensorflow"]) / np.mean(chain_seconds["openvino"])), 2
+            ),
+        },
         "preprocess_chain_rows_images_per_s": {f"{w}_workers": round(len(rows) / runs[w][0], 1) for w in runs},
         "preprocess_2_workers_byte_identical_to_1": same_bytes,
         "candidates": candidates,

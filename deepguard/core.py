@@ -44,7 +44,8 @@ class InvalidImageError(DeepGuardError, ValueError):
 
 # %% ../nbs/00_core.ipynb #c7f8b5ae
 def project_root(start: Union[str, Path, None] = None) -> Path:
-    "The repository root: `DEEPGUARD_ROOT` if set, else the nearest folder above `start` with settings.ini and dvc.yaml."
+    """The repository root: `DEEPGUARD_ROOT` if set, else the nearest folder above `start` with settings.ini and
+    dvc.yaml."""
     env = os.environ.get("DEEPGUARD_ROOT")
     if env:
         return Path(env).resolve()
@@ -52,8 +53,10 @@ def project_root(start: Union[str, Path, None] = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / "settings.ini").is_file() and (folder / "dvc.yaml").is_file():
             return folder
-    raise DeepGuardError(f"No DeepGuard project (settings.ini + dvc.yaml) found above {here}; "
-                         "run from inside the repository or set DEEPGUARD_ROOT.")
+    raise DeepGuardError(
+        f"No DeepGuard project (settings.ini + dvc.yaml) found above {here}; "
+        "run from inside the repository or set DEEPGUARD_ROOT."
+    )
 
 # %% ../nbs/00_core.ipynb #bcb89d97
 def resolve(path: Union[str, Path], root: Union[str, Path, None] = None) -> Path:
@@ -114,7 +117,9 @@ def stage_params(stage: str, path: Union[str, Path] = "params.yaml", overrides: 
     values = dict(load_params(stage, path))
     unknown = sorted(set(overrides or {}) - set(values))
     if unknown:
-        raise ParamsError(f"{stage} has no parameter {', '.join(unknown)}; its section in {path} has: {sorted(values)}.")
+        raise ParamsError(
+            f"{stage} has no parameter {', '.join(unknown)}; its section in {path} has: {sorted(values)}."
+        )
     return StageParams(stage, path, {**values, **(overrides or {})})
 
 # %% ../nbs/00_core.ipynb #f515b44f

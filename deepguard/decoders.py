@@ -25,8 +25,10 @@ def parse_design(design: str) -> dict:
     ok = (len(parts) == 3 and parts[0] in UPSAMPLING and parts[1] in {f"s{s}" for s in STRIDES}
           and parts[2] in LATENTS)
     if not ok:
-        raise ParamsError(f"Unknown decoder design {design!r}: expected <upsampling>-s<stride>-<latent> with "
-                          f"upsampling in {UPSAMPLING}, stride in {STRIDES}, latent in {LATENTS} (e.g. 'nearest-s8-kl').")
+        raise ParamsError(
+            f"Unknown decoder design {design!r}: expected <upsampling>-s<stride>-<latent> with "
+            f"upsampling in {UPSAMPLING}, stride in {STRIDES}, latent in {LATENTS} (e.g. 'nearest-s8-kl')."
+        )
     return dict(upsample=parts[0], stride=int(parts[1][1:]), latent=parts[2])
 
 # %% ../nbs/00e_decoders.ipynb #1d8bb731
@@ -80,8 +82,13 @@ def build_autoencoder(design: str, width: int = 16, latent_channels: int | None 
                 return self.decoder(h), None
             mean, logvar = h.chunk(2, dim=1)
             logvar = logvar.clamp(-20.0, 10.0)
-            z = mean if generator is None else mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+            z = (
+                mean
+                if generator is None
+                else mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+            )
             return self.decoder(z), (mean, logvar)
+
     return Autoencoder()
 
 # %% ../nbs/00e_decoders.ipynb #87855fa5
@@ -92,7 +99,9 @@ def train_autoencoder(design: str, images: list[Image.Image], steps: int = 1000,
     check_param("decoder_steps", steps, low=1, high=1_000_000)
     arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1 for im in images if min(im.size) >= patch]
     if not arrays:
-        raise ParamsError(f"No training photograph is at least {patch} px on both sides: nothing to train decoder {design} on.")
+        raise ParamsError(
+            f"No training photograph is at least {patch} px on both sides: nothing to train decoder {design} on."
+        )
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(seed)
     model = build_autoencoder(design, width)
@@ -106,13 +115,13 @@ def train_autoencoder(design: str, images: list[Image.Image], steps: int = 1000,
         for k in rng.integers(len(arrays), size=batch):
             a = arrays[k]
             y, x = rng.integers(a.shape[0] - patch + 1), rng.integers(a.shape[1] - patch + 1)
-            crops.append(a[y:y + patch, x:x + patch])
+            crops.append(a[y : y + patch, x : x + patch])
         x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
         out, stats = model(x, generator=noise)
         loss = (out - x).abs().mean()
         if stats is not None:
             mean, logvar = stats
-            loss = loss + kl_weight * 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+            loss = loss + kl_weight * 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

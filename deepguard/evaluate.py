@@ -12,16 +12,17 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from .core import check_param, get_logger, resolve, write_json
+from .card import model_card
+from .robustness import (perturbed_scores, plot_robustness, robustness_by_group, robustness_sample,
+                                  robustness_sweep)
 from .stats import balanced_weights, bootstrap_accuracy, bootstrap_auc, chunks, pairwise_auc
 
 # %% auto #0
-__all__ = ['THRESHOLD_RULES', 'PERTURBATIONS', 'LOO_COLUMNS', 'MODEL_ROWS', 'choose_threshold', 'expected_calibration_error',
-           'tpr_at_fpr', 'binary_metrics', 'fit_calibration', 'calibrate', 'check_calibration', 'curve_tables',
-           'perturbed_scores', 'robustness_sample', 'robustness_sweep', 'robustness_by_group', 'per_generator_table',
+__all__ = ['THRESHOLD_RULES', 'LOO_COLUMNS', 'choose_threshold', 'expected_calibration_error', 'tpr_at_fpr', 'binary_metrics',
+           'fit_calibration', 'calibrate', 'check_calibration', 'curve_tables', 'per_generator_table',
            'cross_source_table', 'predict_proba', 'frozen_features', 'linear_probe', 'leave_one_family_out',
-           'regression_images', 'regression_failures', 'plot_robustness', 'cross_source_markdown', 'model_card',
-           'score_cnn', 'fit_baselines', 'calibration_record', 'regression_scores', 'held_out_results', 'write_outputs',
-           'run']
+           'regression_images', 'regression_failures', 'score_cnn', 'fit_baselines', 'calibration_record',
+           'regression_scores', 'held_out_results', 'write_outputs', 'run']
 
 # %% ../nbs/06_evaluate.ipynb #9d948c27
 THRESHOLD_RULES = ("balanced_accuracy", "target_fpr")
@@ -65,12 +66,21 @@ def binary_metrics(y, p, threshold: float) -> dict:
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
     pred = (p >= threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
-    return dict(accuracy=skm.accuracy_score(y, pred), balanced_accuracy=skm.balanced_accuracy_score(y, pred),
-                precision=skm.precision_score(y, pred, zero_division=0), recall=skm.recall_score(y, pred, zero_division=0),
-                f1=skm.f1_score(y, pred, zero_division=0), roc_auc=skm.roc_auc_score(y, p),
-                average_precision=skm.average_precision_score(y, p), tpr_at_fpr_5pct=tpr_at_fpr(y, p, 0.05),
-                ece=expected_calibration_error(y, p), brier=skm.brier_score_loss(y, p),
-                confusion=dict(tn=int(tn), fp=int(fp), fn=int(fn), tp=int(tp)), threshold=float(threshold), n=int(len(y)))
+    return dict(
+        accuracy=skm.accuracy_score(y, pred),
+        balanced_accuracy=skm.balanced_accuracy_score(y, pred),
+        precision=skm.precision_score(y, pred, zero_division=0),
+        recall=skm.recall_score(y, pred, zero_division=0),
+        f1=skm.f1_score(y, pred, zero_division=0),
+        roc_auc=skm.roc_auc_score(y, p),
+        average_precision=skm.average_precision_score(y, p),
+        tpr_at_fpr_5pct=tpr_at_fpr(y, p, 0.05),
+        ece=expected_calibration_error(y, p),
+        brier=skm.brier_score_loss(y, p),
+        confusion=dict(tn=int(tn), fp=int(fp), fn=int(fn), tp=int(tp)),
+        threshold=float(threshold),
+        n=int(len(y)),
+    )
 
 # %% ../nbs/06_evaluate.ipynb #f27bf6eb
 def _logit(p):
@@ -107,11 +117,16 @@ def calibrate(p, calibration: dict) -> np.ndarray:
 def check_calibration(y, p_raw, p_calibrated, balanced: bool = True) -> dict:
     "ECE before and after on one split; raises if calibration made the (class-balanced) ECE worse."
     w = balanced_weights(y) if balanced else None
-    before, after = expected_calibration_error(y, p_raw, weights=w), expected_calibration_error(y, p_calibrated, weights=w)
+    before, after = (
+        expected_calibration_error(y, p_raw, weights=w),
+        expected_calibration_error(y, p_calibrated, weights=w),
+    )
     if after > before:
-        raise ValueError(f"Calibration worsened the validation ECE ({before:.4f} -> {after:.4f}), the split it was "
-                         "fitted on: the model's scores are not monotone enough in the truth for Platt scaling. "
-                         "Look at reports/plots/calibration_before.csv; do not ship this calibration.")
+        raise ValueError(
+            f"Calibration worsened the validation ECE ({before:.4f} -> {after:.4f}), the split it was "
+            "fitted on: the model's scores are not monotone enough in the truth for Platt scaling. "
+            "Look at reports/plots/calibration_before.csv; do not ship this calibration."
+        )
     return dict(before=before, after=after)
 
 # %% ../nbs/06_evaluate.ipynb #939b059d
@@ -127,84 +142,6 @@ def curve_tables(y, p, threshold: float) -> dict[str, pd.DataFrame]:
             "precision_recall": pd.DataFrame(dict(recall=recall, precision=precision)),
             "calibration": pd.DataFrame(dict(mean_predicted=mean_p, fraction_fake=frac)),
             "confusion": pd.DataFrame(dict(actual=names[y], predicted=names[(p >= threshold).astype(int)]))}
-
-# %% ../nbs/06_evaluate.ipynb #ba23eaea
-from PIL import Image, ImageFilter
-
-def _jpeg(quality):
-    def apply(image):
-        import io
-        buffer = io.BytesIO(); image.convert("RGB").save(buffer, "JPEG", quality=quality)
-        return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-    return apply
-
-# %% ../nbs/06_evaluate.ipynb #2e5db0ea
-def _downscale(factor):
-    def apply(image):
-        small = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
-        return image.resize(small, Image.Resampling.BILINEAR).resize(image.size, Image.Resampling.BILINEAR)
-    return apply
-
-# %% ../nbs/06_evaluate.ipynb #0e8d9b94
-def _blur(sigma):
-    return lambda image: image.filter(ImageFilter.GaussianBlur(sigma))
-
-PERTURBATIONS = {"clean": lambda image: image,
-                 "jpeg_q95": _jpeg(95), "jpeg_q75": _jpeg(75), "jpeg_q50": _jpeg(50), "jpeg_q30": _jpeg(30),
-                 "downscale_x0.5": _downscale(0.5), "downscale_x0.25": _downscale(0.25),
-                 "blur_sigma1": _blur(1), "blur_sigma2": _blur(2)}
-
-# %% ../nbs/06_evaluate.ipynb #7f21a53c
-def perturbed_scores(images, scorers: dict, load=None, chunk_size: int = 128, prepare=None) -> dict:
-    """{condition: {scorer name: fake probabilities}}: every perturbation of the images, each perturbed and scored once.
-    `images` are decoded images, or anything `load` decodes (paths): then only `chunk_size` images are in memory.
-    `prepare` (the face chain) runs once per chunk and condition; every scorer gets what it returns."""
-    load = load or (lambda image: image)
-    prepare = prepare or (lambda images: images)
-    parts = {condition: {name: [] for name in scorers} for condition in PERTURBATIONS}
-    for part in chunks(len(images), chunk_size):
-        decoded = [load(item) for item in images[part]]
-        for condition, perturb in PERTURBATIONS.items():
-            prepared = prepare([perturb(image) for image in decoded])
-            for name, score in scorers.items():
-                parts[condition][name].append(np.asarray(score(prepared), dtype=np.float64))
-    return {condition: {name: np.concatenate(p) if p else np.zeros(0) for name, p in by.items()}
-            for condition, by in parts.items()}
-
-# %% ../nbs/06_evaluate.ipynb #81de3523
-def robustness_sample(rows: pd.DataFrame, max_images: int, seed: int = 0, group: str = "generator") -> pd.DataFrame:
-    "At most `max_images` of `rows` (0 = all), drawn per `group` in proportion, seeded; row order kept."
-    check_param("robustness_max_images", max_images, low=0)
-    if max_images == 0 or len(rows) <= max_images:
-        return rows.reset_index(drop=True)
-    share = max_images / len(rows)
-    chosen = [g.sample(n=max(1, round(len(g) * share)), random_state=seed).index for _, g in rows.groupby(group)]
-    return rows.loc[sorted(np.concatenate(chosen))].reset_index(drop=True)
-
-# %% ../nbs/06_evaluate.ipynb #68990d95
-def robustness_sweep(scores: dict, y, thresholds: dict) -> pd.DataFrame:
-    "ROC-AUC and accuracy at each scorer's threshold, for every perturbation (`scores` from `perturbed_scores`)."
-    y = np.asarray(y).astype(int)
-    rows = []
-    for condition, by_scorer in scores.items():
-        row = {"condition": condition}
-        for name, p in by_scorer.items():
-            row[f"{name}_roc_auc"] = skm.roc_auc_score(y, p)
-            row[f"{name}_accuracy"] = float(((p >= thresholds[name]).astype(int) == y).mean())
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-# %% ../nbs/06_evaluate.ipynb #98d3337e
-def robustness_by_group(scores: dict, scorer: str, rows: pd.DataFrame, threshold: float, group: str = "generator") -> pd.DataFrame:
-    "Accuracy of `scorer` at `threshold` for every perturbation and every `group` of `rows`: which class a perturbation breaks."
-    y, groups = rows.y.to_numpy().astype(int), rows[group].to_numpy()
-    out = []
-    for condition, by_scorer in scores.items():
-        correct = (by_scorer[scorer] >= threshold).astype(int) == y
-        for g in sorted(set(groups)):
-            chosen = groups == g
-            out.append({"condition": condition, group: g, "n": int(chosen.sum()), "accuracy": float(correct[chosen].mean())})
-    return pd.DataFrame(out)
 
 # %% ../nbs/06_evaluate.ipynb #0fb93125
 def per_generator_table(rows: pd.DataFrame, p, threshold: float) -> pd.DataFrame:
@@ -224,7 +161,8 @@ def per_generator_table(rows: pd.DataFrame, p, threshold: float) -> pd.DataFrame
 
 # %% ../nbs/06_evaluate.ipynb #9d5574f2
 def cross_source_table(rows: pd.DataFrame, scores: dict[str, np.ndarray], n_boot: int = 1000) -> pd.DataFrame:
-    "One row per (real source, fake family) of `rows`: counts and every scorer's ROC-AUC; the first scorer gets a 95% CI."
+    """One row per (real source, fake family) of `rows`: counts and every scorer's ROC-AUC; the first scorer gets a 95%
+    CI."""
     reals = rows[rows.y == 0].generator.unique()
     fakes = rows[rows.y == 1].generator.unique()
     first = next(iter(scores))
@@ -234,11 +172,19 @@ def cross_source_table(rows: pd.DataFrame, scores: dict[str, np.ndarray], n_boot
             chosen = (rows.generator == real).to_numpy() | (rows.generator == fake).to_numpy()
             y = rows.y.to_numpy()[chosen]
             splits = sorted(set(rows.split[chosen]))
-            entry = dict(real_source=real, fake_family=fake, n_real=int((y == 0).sum()), n_fake=int((y == 1).sum()),
-                         splits="+".join(splits), unseen="external" in splits)
+            entry = dict(
+                real_source=real,
+                fake_family=fake,
+                n_real=int((y == 0).sum()),
+                n_fake=int((y == 1).sum()),
+                splits="+".join(splits),
+                unseen="external" in splits,
+            )
             for name, p in scores.items():
                 entry[f"{name}_auc"] = float(skm.roc_auc_score(y, np.asarray(p)[chosen]))
-            entry[f"{first}_auc_lo"], entry[f"{first}_auc_hi"] = bootstrap_auc(y, np.asarray(scores[first])[chosen], n_boot)
+            entry[f"{first}_auc_lo"], entry[f"{first}_auc_hi"] = bootstrap_auc(
+                y, np.asarray(scores[first])[chosen], n_boot
+            )
             out.append(entry)
     return pd.DataFrame(out)
 
@@ -292,12 +238,23 @@ def leave_one_family_out(features: dict, rows: dict, cnn_test: np.ndarray, n_boo
         chosen = ((test.y == 0) | (test.generator == family)).to_numpy()
         y_test = test.y.to_numpy()[chosen]
         both = len(set(y_test)) == 2
-        out.append(dict(family=family, n_real=int(len(test_reals)), n_fake=int(len(held)),
-                        probe_without_family_auc=float(skm.roc_auc_score(y, p)), probe_without_family_auc_lo=lo,
-                        probe_without_family_auc_hi=hi,
-                        probe_all_families_auc=float(skm.roc_auc_score(y_test, everything.predict_proba(features["test"][chosen])[:, 1])) if both else np.nan,
-                        cnn_n_fake=int((y_test == 1).sum()),
-                        cnn_auc=float(skm.roc_auc_score(y_test, cnn_test[chosen])) if both else np.nan))
+        out.append(
+            dict(
+                family=family,
+                n_real=int(len(test_reals)),
+                n_fake=int(len(held)),
+                probe_without_family_auc=float(skm.roc_auc_score(y, p)),
+                probe_without_family_auc_lo=lo,
+                probe_without_family_auc_hi=hi,
+                probe_all_families_auc=float(
+                    skm.roc_auc_score(y_test, everything.predict_proba(features["test"][chosen])[:, 1])
+                )
+                if both
+                else np.nan,
+                cnn_n_fake=int((y_test == 1).sum()),
+                cnn_auc=float(skm.roc_auc_score(y_test, cnn_test[chosen])) if both else np.nan,
+            )
+        )
     return pd.DataFrame(out, columns=LOO_COLUMNS)
 
 # %% ../nbs/06_evaluate.ipynb #11ca5f4e
@@ -320,157 +277,6 @@ def regression_failures(cases: pd.DataFrame, p, p_champion=None) -> list[dict]:
             champion_right = None if p_champion is None else bool((p_champion[i] >= 0.5) == bool(row.y))
             out.append(dict(path=row.path, y=int(row.y), probability_fake=float(p[i]), new=champion_right))
     return out
-
-# %% ../nbs/06_evaluate.ipynb #c83afdee
-def plot_robustness(sweep: pd.DataFrame, path) -> Path:
-    "Test ROC-AUC per perturbation, one bar per model."
-    import matplotlib.pyplot as plt
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    models = [c[: -len("_roc_auc")] for c in sweep.columns if c.endswith("_roc_auc")]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(models)
-    for i, name in enumerate(models):
-        ax.barh(np.arange(len(sweep)) + i * width, sweep[f"{name}_roc_auc"], height=width, label=name)
-    ax.set_yticks(np.arange(len(sweep)) + 0.4 - width / 2, sweep.condition)
-    ax.axvline(0.5, color="grey", lw=1, ls="--"); ax.set_xlim(0, 1); ax.set_xlabel("test ROC-AUC"); ax.legend()
-    ax.invert_yaxis(); fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
-    return path
-
-# %% ../nbs/06_evaluate.ipynb #f12a393a
-def _metric_row(name, m):
-    ci = f" [{m['roc_auc_ci95'][0]:.3f}, {m['roc_auc_ci95'][1]:.3f}]" if "roc_auc_ci95" in m else ""
-    acc_ci = f" [{m['accuracy_ci95'][0]:.3f}, {m['accuracy_ci95'][1]:.3f}]" if "accuracy_ci95" in m else ""
-    return (f"| {name} | {m['roc_auc']:.3f}{ci} | {m['accuracy']:.3f}{acc_ci} | {m['balanced_accuracy']:.3f} | "
-            f"{m['tpr_at_fpr_5pct']:.3f} | {m['ece']:.3f} | {m['brier']:.3f} | {m['threshold']:.3f} |")
-
-MODEL_ROWS = (("cnn", "CNN"), ("imagenet_probe", "linear probe, frozen ImageNet features (UnivFD recipe)"),
-              ("spectral_baseline", "spectral baseline"), ("shortcut_baseline", "shortcut baseline (trivial features)"),
-              ("sharpness_baseline", "sharpness alone"))
-
-# %% ../nbs/06_evaluate.ipynb #fd69fd7f
-def cross_source_markdown(cross: pd.DataFrame) -> list[str]:
-    "The cross-source table as Markdown lines, CNN with its 95% interval, the best baseline marked."
-    lines = ["| real source | fake family | n real / fake | unseen | CNN AUC [95% CI] | ImageNet probe | spectral | shortcut | sharpness |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in cross.itertuples():
-        lines.append(f"| {r.real_source} | {r.fake_family} | {r.n_real} / {r.n_fake} | {'yes' if r.unseen else 'no'} | "
-                     f"{r.cnn_auc:.3f} [{r.cnn_auc_lo:.3f}, {r.cnn_auc_hi:.3f}] | {r.imagenet_probe_auc:.3f} | "
-                     f"{r.spectral_baseline_auc:.3f} | {r.shortcut_baseline_auc:.3f} | {r.sharpness_baseline_auc:.3f} |")
-    return lines
-
-# %% ../nbs/06_evaluate.ipynb #4f81b4c3
-def model_card(results: dict, metadata: dict, rule: str, sweep: pd.DataFrame, per_generator: pd.DataFrame,
-               manifest: pd.DataFrame, cross: pd.DataFrame | None = None, loo: pd.DataFrame | None = None) -> str:
-    "Markdown model card written by the evaluate stage."
-    counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
-    cnn = results["cnn"]
-    header = ["| model | ROC-AUC | accuracy | balanced acc. | TPR@5%FPR | ECE | Brier | threshold |",
-              "|---|---|---|---|---|---|---|---|"]
-    lines = ["# Model card: deepguard-detector", "",
-             "Written by the `evaluate` stage (`dvc repro evaluate`); every number comes from that run.", "",
-             "## Data", "",
-             f"Processed dataset: {len(manifest)} images ({', '.join(f'{s}: {counts.loc[s].sum()}' for s in counts.index)}), "
-             "split by source; see `reports/data_card.md` for sources, licences and the shortcut audit.", "",
-             "## Model", "",
-             f"Backbone `{metadata['backbone']}`, input {metadata['input_size']} px raw RGB (scaling inside the model), "
-             f"one fake logit; label 1 = fake. Epochs trained: {metadata.get('epochs_trained', '?')}. "
-             f"Face chain before the model (the same in training and serving): {metadata['processing']}.", "",
-             "## Test metrics (sources seen in training, unseen images)", "",
-             f"Threshold chosen on validation ({rule}); test n = {cnn['n']}; CNN ROC-AUC with a bootstrap 95% interval.", ""]
-    lines += header + [_metric_row(label, results[key]) for key, label in MODEL_ROWS if key in results]
-    lines += ["", f"Confusion (CNN): {cnn['confusion']}.", ""]
-    if "calibration" in results:
-        c = results["calibration"]
-        lines += [f"Calibration: {c['method']}: P(fake) = sigmoid({c['slope']:.3f} x (logit - {c['centre_logit']:.3f})); "
-                  f"the decision is P(fake) >= 0.5 ({c['raw_threshold']:.3f} on the raw sigmoid), so no answer's "
-                  f"confidence is below 0.5. Class-balanced ECE on validation {c['ece_val_before']:.3f} → "
-                  f"{c['ece_val_after']:.3f} (fitted there; the stage fails if it rises), on test "
-                  f"{c['ece_test_before']:.3f} → {c['ece_test_after']:.3f}; unweighted: validation "
-                  f"{c.get('ece_val_plain_before', float('nan')):.3f} → {c.get('ece_val_plain_after', float('nan')):.3f}, test "
-                  f"{c.get('ece_test_plain_before', float('nan')):.3f} → {c.get('ece_test_plain_after', float('nan')):.3f}.", ""]
-    if "external" in results:
-        ext = results["external"]
-        lines += ["## External split (a real source and a fake family never trained on)", ""] + header
-        lines += [_metric_row(label, ext[key]) for key, label in MODEL_ROWS if key in ext]
-        lines += [""]
-    if cross is not None and len(cross):
-        lines += ["## Every real source against every fake family (test + external splits)", "",
-                  "ROC-AUC of one real source against one fake family; `unseen` rows involve a source never trained "
-                  "on. Baselines score the same images.", ""] + cross_source_markdown(cross)
-        worst = cross.loc[cross.cnn_auc.idxmin()]
-        others = [c for c in ("imagenet_probe_auc", "spectral_baseline_auc", "shortcut_baseline_auc", "sharpness_baseline_auc") if c in cross]
-        beaten = cross[cross.cnn_auc < cross[others].max(axis=1)]
-        lines += ["", f"Weakest pair for the CNN: {worst.real_source} vs {worst.fake_family} (AUC {worst.cnn_auc:.3f}). "
-                  + (f"A baseline beats the CNN on {len(beaten)} of {len(cross)} pairs: "
-                     + ", ".join(f"{r.real_source} vs {r.fake_family}" for r in beaten.itertuples()) + "."
-                     if len(beaten) else "No baseline beats the CNN on any pair."), ""]
-    held = None if cross is None or not len(cross) else cross[cross.fake_family.isin(
-        manifest[(manifest.split == "external") & (manifest.label == "fake")].generator.unique())]
-    if held is not None and len(held):
-        lines += ["## Held-out generators (never trained on: the CNN's own leave-out rows)", "",
-                  "Fake families of the external split against each real source: n, ROC-AUC with its bootstrap 95% "
-                  "interval, and two baselines on the same images.", "",
-                  "| fake family (held out) | real source | n real / fake | CNN AUC [95% CI] | ImageNet probe | sharpness |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r.fake_family} | {r.real_source} | {r.n_real} / {r.n_fake} | {r.cnn_auc:.3f} "
-                  f"[{r.cnn_auc_lo:.3f}, {r.cnn_auc_hi:.3f}] | {r.imagenet_probe_auc:.3f} | {r.sharpness_baseline_auc:.3f} |"
-                  for r in held.itertuples()] + [""]
-    if loo is not None and len(loo):
-        lines += ["## Leave one generator out (linear probes on frozen ImageNet features)", "",
-                  "Each probe row is a logistic regression on the frozen ImageNet EfficientNet-Lite0 features, fitted on the "
-                  "training split without that generator, scored on all its images (it saw none) against the test "
-                  "reals, with a bootstrap 95% interval; the CNN column is the fine-tuned model on that generator's "
-                  "test images (it saw the training ones).", "",
-                  "| generator held out | n real / fake | probe without it [95% CI] | probe with all | CNN (saw it), n fake |",
-                  "|---|---|---|---|---|"]
-        fmt = lambda v: "-" if v != v else f"{v:.3f}"
-        lines += [f"| {r.family} | {r.n_real} / {r.n_fake} | {r.probe_without_family_auc:.3f} "
-                  f"[{r.probe_without_family_auc_lo:.3f}, {r.probe_without_family_auc_hi:.3f}] | "
-                  f"{fmt(r.probe_all_families_auc)} | {fmt(r.cnn_auc)}, {r.cnn_n_fake} |" for r in loo.itertuples()]
-        lines += [""]
-    regression = results.get("regression", {})
-    lines += ["## Regression set (`data/regression/`)", ""]
-    if not regression.get("n"):
-        lines += ["Empty: put hard cases under `data/regression/real/` and `data/regression/fake/`.", ""]
-    else:
-        fails = regression["failures"]
-        lines += [f"{regression['n']} cases, {len(fails)} wrong at P(fake) 0.5; new against the champion: "
-                  f"{sum(1 for f in fails if f['new'])}.", ""]
-        lines += [f"- {f['path']} (label {'fake' if f['y'] else 'real'}, P(fake) {f['probability_fake']:.3f})"
-                  + (" **new**" if f["new"] else "") for f in fails] + [""]
-    lines += ["## Robustness (perturbation of the raw test image, then the face chain)", "",
-              "| condition | CNN AUC | CNN acc. | spectral AUC | spectral acc. |", "|---|---|---|---|---|"]
-    lines += [f"| {r.condition} | {r.cnn_roc_auc:.3f} | {r.cnn_accuracy:.3f} | {r.spectral_roc_auc:.3f} | "
-              f"{r.spectral_accuracy:.3f} |" for r in sweep.itertuples()]
-    by_group = results.get("robustness_per_generator", {})
-    if by_group:
-        generators = sorted({g for accs in by_group.values() for g in accs})
-        lines += ["", "CNN accuracy per generator under each perturbation (which class breaks):", "",
-                  "| condition | " + " | ".join(generators) + " |", "|---|" + "---|" * len(generators)]
-        lines += [f"| {condition} | " + " | ".join(f"{accs[g]:.3f}" for g in generators) + " |"
-                  for condition, accs in by_group.items()]
-    lines += ["", "## Per generator (test)", "", "| generator | label | n | mean P(fake) | accuracy | AUC vs reals |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {r.generator} | {r.label} | {r.n} | {r.mean_probability_fake:.3f} | {r.accuracy:.3f} | "
-              + ("-" if r.roc_auc_vs_reals != r.roc_auc_vs_reals else f"{r.roc_auc_vs_reals:.3f}") + " |"
-              for r in per_generator.itertuples()]
-    external = results.get("per_generator_external", {})
-    if external:
-        lines += ["", "## Per generator (external: never trained on)", "",
-                  "| generator | label | n | mean P(fake) | accuracy | AUC vs external reals |", "|---|---|---|---|---|---|"]
-        lines += [f"| {g} | {r['label']} | {r['n']} | {r['mean_probability_fake']:.3f} | {r['accuracy']:.3f} | "
-                  + (f"{r['roc_auc_vs_reals']:.3f}" if "roc_auc_vs_reals" in r else "-") + " |" for g, r in external.items()]
-    lines += ["", "## Limitations", "",
-              "- On the demo corpus these numbers show what a detector learns from a few hundred images of a distilled "
-              "StyleGAN2 and a DCGAN, the project's own small decoders and a few dozen diffusion thumbnails against "
-              "CelebA photographs. They are weak evidence about diffusion models in the wild (a small, downscaled, "
-              "once-WebP sample) and none about generators and cameras not listed in the data card.",
-              "- Compare the CNN with the baselines row by row: whatever a baseline reaches is available without "
-              "learning anything about generation.",
-              "- Test sets are small: read the bootstrap intervals before comparing two figures.", "",
-              "## Reproduce", "", "```bash", "make pipeline          # or: dvc repro", "dvc metrics show",
-              "dvc plots show         # ROC, PR, calibration, confusion, robustness, history", "```", ""]
-    return "\n".join(lines)
 
 # %% ../nbs/06_evaluate.ipynb #a96fbff3
 def _records(table: pd.DataFrame, key: str) -> dict:
@@ -560,16 +366,25 @@ def held_out_results(results: dict, manifest: pd.DataFrame, probs: dict, baselin
     results["per_generator"] = _records(tables["per_generator"], "generator")
     held = [s for s in ("test", "external") if s in splits]
     held_rows = pd.concat([manifest[manifest.split == s] for s in held], ignore_index=True)
-    tables["cross"] = cross_source_table(held_rows, {name: np.concatenate([probs[name][s] for s in held]) for name in probs})
-    results["cross_source"] = {f"{r.real_source} vs {r.fake_family}": {k: v for k, v in r._asdict().items()
-                               if k not in ("Index", "real_source", "fake_family")} for r in tables["cross"].itertuples()}
-    if "external" in splits:    # which never-seen family is caught, which real is believed
+    tables["cross"] = cross_source_table(
+        held_rows, {name: np.concatenate([probs[name][s] for s in held]) for name in probs}
+    )
+    results["cross_source"] = {
+        f"{r.real_source} vs {r.fake_family}": {
+            k: v for k, v in r._asdict().items() if k not in ("Index", "real_source", "fake_family")
+        }
+        for r in tables["cross"].itertuples()
+    }
+    if "external" in splits:  # which never-seen family is caught, which real is believed
         tables["per_generator_external"] = per_generator_table(
-            manifest[manifest.split == "external"].reset_index(drop=True), cnn["external"][0], threshold)
+            manifest[manifest.split == "external"].reset_index(drop=True), cnn["external"][0], threshold
+        )
         results["per_generator_external"] = _records(tables["per_generator_external"], "generator")
         p_ext, y_ext = cnn["external"]
-        results["external"] = {name: binary_metrics(y_ext, probs[name]["external"],
-                                                    threshold if name == "cnn" else baselines[name][1]) for name in probs}
+        results["external"] = {
+            name: binary_metrics(y_ext, probs[name]["external"], threshold if name == "cnn" else baselines[name][1])
+            for name in probs
+        }
         results["external"]["cnn"]["roc_auc_ci95"] = list(bootstrap_auc(y_ext, p_ext))
         results["external"]["cnn"]["accuracy_ci95"] = list(bootstrap_accuracy(y_ext, p_ext))
     return tables
@@ -577,17 +392,27 @@ def held_out_results(results: dict, manifest: pd.DataFrame, probs: dict, baselin
 # %% ../nbs/06_evaluate.ipynb #a3527525
 def write_outputs(params: dict, results: dict, scored: dict, tables: dict, metadata: dict, manifest: pd.DataFrame,
                   threshold: float) -> None:
-    "metrics.json, threshold.json (the decision every front end applies), the `dvc plots` tables, the robustness figure and the model card."
+    """metrics.json, threshold.json (the decision every front end applies), the `dvc plots` tables, the robustness
+    figure and the model card."""
     calibration, (p_test, y_test) = scored["calibration"], scored["cnn"]["test"]
     write_json(resolve(params["metrics_path"]), results)
-    write_json(resolve(params["threshold_path"]), dict(
-        threshold=threshold, rule="calibrated P(fake) >= 0.5 (Platt, class-balanced)", chosen_on="val",
-        model=Path(params["model_path"]).name, calibration=calibration))
-    plots = resolve(params["plots_dir"]); plots.mkdir(parents=True, exist_ok=True)
+    write_json(
+        resolve(params["threshold_path"]),
+        dict(
+            threshold=threshold,
+            rule="calibrated P(fake) >= 0.5 (Platt, class-balanced)",
+            chosen_on="val",
+            model=Path(params["model_path"]).name,
+            calibration=calibration,
+        ),
+    )
+    plots = resolve(params["plots_dir"])
+    plots.mkdir(parents=True, exist_ok=True)
     for name, table in curve_tables(y_test, p_test, threshold).items():
         table.to_csv(plots / f"{name}.csv", index=False)
     curve_tables(y_test, scored["raw"]["test"][0], calibration["raw_threshold"])["calibration"].to_csv(
-        plots / "calibration_before.csv", index=False)
+        plots / "calibration_before.csv", index=False
+    )
     tables["sweep"].to_csv(plots / "robustness.csv", index=False)
     tables["by_generator"].to_csv(plots / "robustness_per_generator.csv", index=False)
     tables["per_generator"].to_csv(plots / "per_generator.csv", index=False)
@@ -596,8 +421,16 @@ def write_outputs(params: dict, results: dict, scored: dict, tables: dict, metad
     cross = tables["cross"]
     cross.assign(pair=cross.real_source + " vs " + cross.fake_family).to_csv(plots / "cross_source.csv", index=False)
     plot_robustness(tables["sweep"], plots / "robustness.png")
-    card = model_card(results, metadata, params["threshold_rule"], tables["sweep"], tables["per_generator"], manifest,
-                      cross, tables["loo"])
+    card = model_card(
+        results,
+        metadata,
+        params["threshold_rule"],
+        tables["sweep"],
+        tables["per_generator"],
+        manifest,
+        cross,
+        tables["loo"],
+    )
     resolve(params["model_card_path"]).write_text(card)
 
 # %% ../nbs/06_evaluate.ipynb #60991804
@@ -665,19 +498,33 @@ def run(params: dict) -> dict:
 
     test_rows = manifest[manifest.split == "test"].reset_index(drop=True)
     sweep_rows = robustness_sample(test_rows, params["robustness_max_images"])   # raw files read chunk by chunk
-    scores = perturbed_scores(list(sweep_rows.raw_path), {"cnn": cnn_crop_scores, "spectral": spectral_crop_scores},
-                              load=lambda p: load_image(resolve(params["raw_dir"]) / p), chunk_size=params["chunk_size"],
-                              prepare=chain)
-    tables["sweep"] = robustness_sweep(scores, sweep_rows.y, {"cnn": threshold, "spectral": baselines["spectral_baseline"][1]})
-    results["robustness"] = {r["condition"]: {k: v for k, v in r.items() if k != "condition"}
-                             for r in tables["sweep"].to_dict("records")}
+    scores = perturbed_scores(
+        list(sweep_rows.raw_path),
+        {"cnn": cnn_crop_scores, "spectral": spectral_crop_scores},
+        load=lambda p: load_image(resolve(params["raw_dir"]) / p),
+        chunk_size=params["chunk_size"],
+        prepare=chain,
+    )
+    tables["sweep"] = robustness_sweep(
+        scores, sweep_rows.y, {"cnn": threshold, "spectral": baselines["spectral_baseline"][1]}
+    )
+    results["robustness"] = {
+        r["condition"]: {k: v for k, v in r.items() if k != "condition"} for r in tables["sweep"].to_dict("records")
+    }
     results["robustness_n"] = int(len(sweep_rows))
     tables["by_generator"] = robustness_by_group(scores, "cnn", sweep_rows, threshold)
-    results["robustness_per_generator"] = {condition: dict(zip(g.generator, g.accuracy))
-                                           for condition, g in tables["by_generator"].groupby("condition", sort=False)}
+    results["robustness_per_generator"] = {
+        condition: dict(zip(g.generator, g.accuracy))
+        for condition, g in tables["by_generator"].groupby("condition", sort=False)
+    }
     results.update(threshold_rule=rule, split="test")
     write_outputs(params, results, scored, tables, metadata, manifest, threshold)
-    log.info("test AUC %.4f (spectral %.4f, shortcut %.4f, sharpness %.4f), threshold %.4f", results["cnn"]["roc_auc"],
-             results["spectral_baseline"]["roc_auc"], results["shortcut_baseline"]["roc_auc"],
-             results["sharpness_baseline"]["roc_auc"], threshold)
+    log.info(
+        "test AUC %.4f (spectral %.4f, shortcut %.4f, sharpness %.4f), threshold %.4f",
+        results["cnn"]["roc_auc"],
+        results["spectral_baseline"]["roc_auc"],
+        results["shortcut_baseline"]["roc_auc"],
+        results["sharpness_baseline"]["roc_auc"],
+        threshold,
+    )
     return dict(results=results, tables=tables, threshold=threshold, p_test=p_test, n_test=len(test_rows))

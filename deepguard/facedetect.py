@@ -23,10 +23,13 @@ __all__ = ['NETS', 'PATCH', 'THRESHOLDS', 'mtcnn_weights', 'build_net', 'area_ma
 
 # %% ../nbs/00c_facedetect.ipynb #e3338b65
 def mtcnn_weights(name: str) -> list[np.ndarray]:
-    "The Keras weights of `pnet`, `rnet` or `onet`, read from the installed `mtcnn` package's files (never imported: it imports TensorFlow)."
+    """The Keras weights of `pnet`, `rnet` or `onet`, read from the installed `mtcnn` package's files (never imported:
+    it imports TensorFlow)."""
     spec = importlib.util.find_spec("mtcnn")
     if spec is None or not spec.submodule_search_locations:
-        raise DeepGuardError("The face detector's weights come from the `mtcnn==1.0.0` package: `pip install --no-deps mtcnn==1.0.0`.")
+        raise DeepGuardError(
+            "The face detector's weights come from the `mtcnn==1.0.0` package: `pip install --no-deps mtcnn==1.0.0`."
+        )
     path = Path(spec.submodule_search_locations[0]) / "assets" / "weights" / f"{name}.lz4"
     if not path.is_file():
         raise DeepGuardError(f"{path} is missing: reinstall `mtcnn==1.0.0`.")
@@ -72,7 +75,9 @@ def build_net(name: str, weights: list[np.ndarray] | None = None) -> ov.Model:
     for kind, *args in NETS[name]:
         if kind == "pool":
             k, s, same = args
-            x = op.max_pool(x, [s, s], [1, 1], [0, 0], [0, 0], [k, k], "floor", "same_upper" if same else "valid").output(0)
+            x = op.max_pool(
+                x, [s, s], [1, 1], [0, 0], [0, 0], [k, k], "floor", "same_upper" if same else "valid"
+            ).output(0)
         elif kind == "heads":
             for layer, softmax in args:
                 y = _layer(layer, x, take)
@@ -101,7 +106,8 @@ def area_matrix(n_in: int, n_out: int) -> np.ndarray:
 # %% ../nbs/00c_facedetect.ipynb #6562cd75
 @lru_cache(maxsize=512)
 def area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    "(indices, weights), both (n_out, K): the K input pixels each output pixel averages, from `area_matrix`'s non-zeros."
+    """(indices, weights), both (n_out, K): the K input pixels each output pixel averages, from `area_matrix`'s
+    non-zeros."""
     w = area_matrix(n_in, n_out)
     nonzero = w > 0
     pos = nonzero.argmax(1)[:, None] + np.arange(int(nonzero.sum(1).max()))[None, :]
@@ -112,7 +118,8 @@ def area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
 
 # %% ../nbs/00c_facedetect.ipynb #c44661dd
 def resize_area(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    "`tf.image.resize(image, (height, width), method='area')` of one HxWxC image, float32: a few taps per pixel, rows then columns."
+    """`tf.image.resize(image, (height, width), method='area')` of one HxWxC image, float32: a few taps per pixel, rows
+    then columns."""
     x = np.asarray(image, np.float32)
     rows, row_w = area_taps(x.shape[0], height)
     x = np.einsum("ok,okwc->owc", row_w, x[rows])
@@ -148,15 +155,17 @@ def scale_pyramid(height: int, width: int, min_face_size: int = 20, scale_factor
 
 # %% ../nbs/00c_facedetect.ipynb #542d2e1f
 def nms(boxes: np.ndarray, threshold: float, method: str = "union", initial_sort: bool = True) -> np.ndarray:
-    "`mtcnn`'s NMS: keep a row unless an earlier one (kept or not) overlaps it by more than `threshold` (IoU or over-min)."
+    """`mtcnn`'s NMS: keep a row unless an earlier one (kept or not) overlaps it by more than `threshold` (IoU or
+    over-min)."""
     if initial_sort:
         boxes = boxes[np.argsort(boxes[:, 5])[::-1]]
     if not len(boxes):
         return boxes
     b = boxes[:, 1:5]
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    inter = (np.maximum(0, np.minimum(b[None, :, 2], b[:, None, 2]) - np.maximum(b[None, :, 0], b[:, None, 0]))
-             * np.maximum(0, np.minimum(b[None, :, 3], b[:, None, 3]) - np.maximum(b[None, :, 1], b[:, None, 1])))
+    inter = np.maximum(
+        0, np.minimum(b[None, :, 2], b[:, None, 2]) - np.maximum(b[None, :, 0], b[:, None, 0])
+    ) * np.maximum(0, np.minimum(b[None, :, 3], b[:, None, 3]) - np.maximum(b[None, :, 1], b[:, None, 1]))
     norm = area[:, None] + area[None, :] - inter if method == "union" else np.minimum(area[:, None], area[None, :])
     with np.errstate(divide="ignore", invalid="ignore"):
         overlap = inter / norm

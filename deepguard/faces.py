@@ -49,7 +49,8 @@ def recorded_chain(processing: dict | None) -> dict:
 
 # %% ../nbs/00d_faces.ipynb #a7e09d07
 def face_detector(runtime: str | None = None, threads: int | None = None):
-    "One MTCNN per process and runtime (its networks load once): OpenVINO by default, the `mtcnn` package on TensorFlow as the reference."
+    """One MTCNN per process and runtime (its networks load once): OpenVINO by default, the `mtcnn` package on
+    TensorFlow as the reference."""
     return _detector(inference_runtime(runtime), threads)
 
 # %% ../nbs/00d_faces.ipynb #8b96200a

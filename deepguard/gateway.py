@@ -61,14 +61,21 @@ class RequestError(DeepGuardError):
         self.status, self.reason = status, reason
 
     def body(self) -> dict:
-        return {"error_code": self.CODES.get(self.status, "INTERNAL_ERROR"), "message": str(self), "reason": self.reason}
+        return {
+            "error_code": self.CODES.get(self.status, "INTERNAL_ERROR"),
+            "message": str(self),
+            "reason": self.reason,
+        }
 
 # %% ../nbs/10_gateway.ipynb #a07e52bf
 async def receive_body(declared: str | None, receive, max_bytes: int, timeout: float) -> bytes:
     """The body of an ASGI request from its `receive` channel: `RequestError` 413 when the declared length
     (`Content-Length`) or the bytes received pass `max_bytes`, 408 when it is not all there within `timeout` s."""
     if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
-        raise RequestError(413, "body_too_large", f"request body of {int(declared):,} bytes is over the limit of {max_bytes:,}")
+        raise RequestError(
+            413, "body_too_large", f"request body of {int(declared):,} bytes is over the limit of {max_bytes:,}"
+        )
+
     async def collect():
         chunks, size = [], 0
         while True:
@@ -82,6 +89,7 @@ async def receive_body(declared: str | None, receive, max_bytes: int, timeout: f
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
     try:
         return await asyncio.wait_for(collect(), timeout)
     except asyncio.TimeoutError:
@@ -159,18 +167,27 @@ def check_json(body: bytes, limits: dict) -> None:
     try:
         payload = json.loads(body)
     except RecursionError:
-        raise RequestError(400, "too_deep", f"the JSON body nests more than {limits['max_json_depth']} levels deep") from None
+        raise RequestError(
+            400, "too_deep", f"the JSON body nests more than {limits['max_json_depth']} levels deep"
+        ) from None
     except ValueError as err:
         raise RequestError(400, "bad_json", f"the body is not JSON: {err}"[:300]) from None
     json_depth(payload, limits["max_json_depth"])
     rows = image_rows(payload)
     if len(rows) > limits["max_images"]:
-        raise RequestError(413, "too_many_images", f"{len(rows):,} images in one request; the limit is "
-                           f"{limits['max_images']:,}: split the request")
+        raise RequestError(
+            413,
+            "too_many_images",
+            f"{len(rows):,} images in one request; the limit is {limits['max_images']:,}: split the request",
+        )
     pixels = sum(declared_pixels(row) for row in rows)
     if pixels > limits["max_request_pixels"]:
-        raise RequestError(413, "too_many_pixels", f"the request's images hold {pixels:,} pixels; the limit is "
-                           f"{limits['max_request_pixels']:,}: send fewer or smaller images")
+        raise RequestError(
+            413,
+            "too_many_pixels",
+            f"the request's images hold {pixels:,} pixels; the limit is "
+            f"{limits['max_request_pixels']:,}: send fewer or smaller images",
+        )
 
 # %% ../nbs/10_gateway.ipynb #cccc31f8
 ADMIN_TOKEN_ENV = "DEEPGUARD_ADMIN_TOKEN"
@@ -191,13 +208,21 @@ def route_of(path: str) -> str:
 
 # %% ../nbs/10_gateway.ipynb #e6c730a9
 def check_admin(authorization: str | None, token: str | None) -> None:
-    "The model repository routes need `Authorization: Bearer <DEEPGUARD_ADMIN_TOKEN>`; without a token set they are off."
+    """The model repository routes need `Authorization: Bearer <DEEPGUARD_ADMIN_TOKEN>`; without a token set they are
+    off."""
     if not token:
-        raise RequestError(403, "admin_disabled", "the model repository routes (index, load, unload) are off: start the "
-                           f"server with ${ADMIN_TOKEN_ENV} set and send 'Authorization: Bearer <token>'")
+        raise RequestError(
+            403,
+            "admin_disabled",
+            "the model repository routes (index, load, unload) are off: start the "
+            f"server with ${ADMIN_TOKEN_ENV} set and send 'Authorization: Bearer <token>'",
+        )
     if not hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode()):
-        raise RequestError(401, "unauthorized", "the model repository routes need 'Authorization: Bearer <token>' "
-                           f"with the server's ${ADMIN_TOKEN_ENV}")
+        raise RequestError(
+            401,
+            "unauthorized",
+            f"the model repository routes need 'Authorization: Bearer <token>' with the server's ${ADMIN_TOKEN_ENV}",
+        )
 
 # %% ../nbs/10_gateway.ipynb #1e31a2d1
 def outcome_of(status: int) -> str:
@@ -225,17 +250,41 @@ def gateway_metrics(registry=None) -> dict:
     if registry is None:
         from prometheus_client import REGISTRY as registry
     spec = {
-        "requests": (Counter, "deepguard_requests_total", "inference and admin requests by route and outcome "
-                     "(ok, bad_request, unauthorized, too_large, timeout, error: every 5xx)", ["route", "outcome"], {}),
-        "errors": (Counter, "deepguard_errors_total", "refused or failed requests by route and reason", ["route", "reason"], {}),
-        "latency": (Histogram, "deepguard_request_latency_seconds", "body received to answer ready", ["route"],
-                    {"buckets": LATENCY_BUCKETS}),
-        "retries": (Counter, "deepguard_worker_retries_total", "requests whose worker died: answered by a retry "
-                    "(answered) or refused with 503 (gave_up)", ["result"], {}),
+        "requests": (
+            Counter,
+            "deepguard_requests_total",
+            "inference and admin requests by route and outcome "
+            "(ok, bad_request, unauthorized, too_large, timeout, error: every 5xx)",
+            ["route", "outcome"],
+            {},
+        ),
+        "errors": (
+            Counter,
+            "deepguard_errors_total",
+            "refused or failed requests by route and reason",
+            ["route", "reason"],
+            {},
+        ),
+        "latency": (
+            Histogram,
+            "deepguard_request_latency_seconds",
+            "body received to answer ready",
+            ["route"],
+            {"buckets": LATENCY_BUCKETS},
+        ),
+        "retries": (
+            Counter,
+            "deepguard_worker_retries_total",
+            "requests whose worker died: answered by a retry (answered) or refused with 503 (gave_up)",
+            ["result"],
+            {},
+        ),
     }
     metrics = {}
     for key, (kind, name, doc, labels, extra) in spec.items():
-        existing = registry._names_to_collectors.get(name) or registry._names_to_collectors.get(name.removesuffix("_total"))
+        existing = registry._names_to_collectors.get(name) or registry._names_to_collectors.get(
+            name.removesuffix("_total")
+        )
         metrics[key] = existing or kind(name, doc, ["model_name", *labels], registry=registry, **extra)
     return metrics
 
@@ -277,29 +326,41 @@ class Gateway:
             if route == "admin":
                 check_admin(headers.get("authorization"), os.environ.get(ADMIN_TOKEN_ENV))
             declared = headers.get("content-length", "").strip()
-            held = min(int(declared) if declared.isdigit() else self.limits["max_body_bytes"], self.limits["max_body_bytes"])
+            held = min(
+                int(declared) if declared.isdigit() else self.limits["max_body_bytes"], self.limits["max_body_bytes"]
+            )
             if self.inflight + held > self.limits["max_inflight_bytes"]:
                 held = 0
-                raise RequestError(503, "busy", f"the server holds {self.limits['max_inflight_bytes']:,} bytes of "
-                                   "requests in progress, its limit: retry in a moment")
+                raise RequestError(
+                    503,
+                    "busy",
+                    f"the server holds {self.limits['max_inflight_bytes']:,} bytes of "
+                    "requests in progress, its limit: retry in a moment",
+                )
             self.inflight += held
-            body = await receive_body(headers.get("content-length"), receive, self.limits["max_body_bytes"],
-                                      self.limits["body_timeout"])
+            body = await receive_body(
+                headers.get("content-length"), receive, self.limits["max_body_bytes"], self.limits["body_timeout"]
+            )
             start = time.perf_counter()
             kind = headers.get("content-type", "").split(";")[0].strip().lower()
             if route in ("invocations", "v2_infer") and kind in ("application/json", ""):
                 check_json(body, self.limits)
             answer = await self.forward(scope, body, receive)
-            if answer[0] >= 500 and route in ("invocations", "v2_infer") and (
-                    WORKER_DIED in answer[2] or not (await self.ready(fresh=True))[0]):
-                answer = await self.retry(scope, body, receive)     # its worker died, or no worker is up
+            if (
+                answer[0] >= 500
+                and route in ("invocations", "v2_infer")
+                and (WORKER_DIED in answer[2] or not (await self.ready(fresh=True))[0])
+            ):
+                answer = await self.retry(scope, body, receive)  # its worker died, or no worker is up
         except RequestError as err:
             extra = [(b"retry-after", b"1")] if err.status == 503 else None
             answer = _json_response(err.status, err.body(), extra)
-        except Exception as err:   # a bug here must still be an answer, counted
+        except Exception as err:  # a bug here must still be an answer, counted
             get_logger("gateway").exception("front door failed")
-            answer = _json_response(500, {"error_code": "INTERNAL_ERROR", "reason": "internal",
-                                          "message": f"{type(err).__name__}: {err}"[:300]})
+            answer = _json_response(
+                500,
+                {"error_code": "INTERNAL_ERROR", "reason": "internal", "message": f"{type(err).__name__}: {err}"[:300]},
+            )
         finally:
             self.inflight -= held
         if route != "other":
@@ -309,18 +370,22 @@ class Gateway:
     async def forward(self, scope, body: bytes, receive) -> tuple:
         "(status, headers, content) of the inner app for this request, its body given from memory."
         given = False
+
         async def replay():
             nonlocal given
             if not given:
                 given = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()          # after the body: the client's disconnect, if it comes
+            return await receive()  # after the body: the client's disconnect, if it comes
+
         head, chunks = {}, []
+
         async def capture(message):
             if message["type"] == "http.response.start":
                 head.update(message)
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
+
         await self.app(dict(scope), replay, capture)
         return head.get("status", 500), list(head.get("headers", [])), b"".join(chunks)
 
@@ -344,15 +409,31 @@ class Gateway:
             return True, "no probe"
         if not fresh and time.monotonic() - self._ready_at < 0.5:
             return self._ready
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-                 "path": self.probe_path, "raw_path": self.probe_path.encode(), "root_path": "", "query_string": b"",
-                 "headers": [], "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": self.probe_path,
+            "raw_path": self.probe_path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [],
+            "client": ("127.0.0.1", 0),
+            "server": ("127.0.0.1", 0),
+        }
+
         async def never():
             await asyncio.Event().wait()
+
         try:
             status, _, _ = await asyncio.wait_for(self.forward(scope, b"", never), self.ready_timeout)
-            self._ready = (True, "a worker answers") if status == 200 else \
-                          (False, "the model is not loaded" if status == 404 else f"no worker answers (HTTP {status})")
+            self._ready = (
+                (True, "a worker answers")
+                if status == 200
+                else (False, "the model is not loaded" if status == 404 else f"no worker answers (HTTP {status})")
+            )
         except asyncio.TimeoutError:
             self._ready = (False, f"no worker answered within {self.ready_timeout:g} s")
         except Exception as err:
@@ -391,26 +472,41 @@ def grpc_guard(limits: dict | None = None, metrics: dict | None = None, model_na
 
     def refuse(handler, err: RequestError):
         async def answer(request, context):
-            await context.abort(codes.get(err.status, grpc.StatusCode.INVALID_ARGUMENT), f"{err} (reason: {err.reason})")
-        return grpc.unary_unary_rpc_method_handler(answer, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+            await context.abort(
+                codes.get(err.status, grpc.StatusCode.INVALID_ARGUMENT), f"{err} (reason: {err.reason})"
+            )
+
+        return grpc.unary_unary_rpc_method_handler(
+            answer, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
     def checked(handler):
         inner = handler.unary_unary
+
         async def infer(request, context):
             files = [x for inp in request.inputs if inp.name == "image" for x in inp.contents.bytes_contents]
-            count = max([len(files)] + [int(inp.shape[0]) for inp in request.inputs if inp.name == "image" and inp.shape])
+            count = max(
+                [len(files)] + [int(inp.shape[0]) for inp in request.inputs if inp.name == "image" and inp.shape]
+            )
             problem = None
             if count > limits["max_images"]:
-                problem = RequestError(413, "too_many_images", f"{count:,} images in one request; the limit is {limits['max_images']:,}")
+                problem = RequestError(
+                    413, "too_many_images", f"{count:,} images in one request; the limit is {limits['max_images']:,}"
+                )
             elif sum(declared_pixels(x) for x in files) > limits["max_request_pixels"]:
-                problem = RequestError(413, "too_many_pixels", f"the request's images hold more than {limits['max_request_pixels']:,} pixels")
+                problem = RequestError(
+                    413,
+                    "too_many_pixels",
+                    f"the request's images hold more than {limits['max_request_pixels']:,} pixels",
+                )
             if problem:
                 counted(problem)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{problem} (reason: {problem.reason})")
             return await inner(request, context)
-        return grpc.unary_unary_rpc_method_handler(infer, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+
+        return grpc.unary_unary_rpc_method_handler(
+            infer, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
     class Guard(grpc.aio.ServerInterceptor):
         async def intercept_service(self, continuation, details):
@@ -426,4 +522,5 @@ def grpc_guard(limits: dict | None = None, metrics: dict | None = None, model_na
             if details.method.endswith("/ModelInfer"):
                 return checked(handler)
             return handler
+
     return Guard()

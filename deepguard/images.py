@@ -24,9 +24,12 @@ __all__ = ['IMAGE_SUFFIXES', 'MAX_PIXELS', 'MIN_SIDE', 'MAX_FILE_BYTES', 'ImageS
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}   # what folder scans pick up
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger inputs are treated as decompression bombs
 MIN_SIDE = 16            # smaller images carry too little signal to classify
-MAX_FILE_BYTES = 256_000_000  # a larger file is refused before it is read (a 40 MP 16-bit RGBA PNG is 320 MB raw, far less stored)
+MAX_FILE_BYTES = (
+    256_000_000  # a larger file is refused before it is read (a 40 MP 16-bit RGBA PNG is 320 MB raw, far less stored)
+)
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, BinaryIO, Image.Image, np.ndarray]
+
 
 def _read_bytes(src) -> bytes:
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -37,17 +40,21 @@ def _read_bytes(src) -> bytes:
             raise InvalidImageError(f"{path}: file not found.", reason="missing")
         if path.is_dir():
             raise InvalidImageError(f"{path}: is a folder, not an image file.", reason="not_image")
-        if not path.is_file():       # a FIFO, socket or device: reading it could block forever or never end
+        if not path.is_file():  # a FIFO, socket or device: reading it could block forever or never end
             raise InvalidImageError(f"{path}: not a regular file.", reason="not_file")
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise InvalidImageError(f"{path}: {size:,} bytes is over the limit of {MAX_FILE_BYTES:,} for an image file.",
-                                    reason="too_large")
+            raise InvalidImageError(
+                f"{path}: {size:,} bytes is over the limit of {MAX_FILE_BYTES:,} for an image file.", reason="too_large"
+            )
         return path.read_bytes()
     if hasattr(src, "read"):
         return src.read()
-    raise InvalidImageError(f"Unsupported input type {type(src).__name__}: give a path, bytes, a binary file, "
-                            "a PIL image or an HxWx3 uint8 array.", reason="unsupported_type")
+    raise InvalidImageError(
+        f"Unsupported input type {type(src).__name__}: give a path, bytes, a binary file, "
+        "a PIL image or an HxWx3 uint8 array.",
+        reason="unsupported_type",
+    )
 
 # %% ../nbs/00a_images.ipynb #11c81d8c
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -102,15 +109,18 @@ def load_image(src: ImageSource, max_pixels: int = MAX_PIXELS, min_side: int = M
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise InvalidImageError(f"{name}: decompression bomb refused ({err}).", reason="too_large") from err
         except UnidentifiedImageError as err:
-            raise InvalidImageError(f"{name}: not an image, or a format Pillow cannot read.", reason="not_image") from err
+            raise InvalidImageError(
+                f"{name}: not an image, or a format Pillow cannot read.", reason="not_image"
+            ) from err
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             raise InvalidImageError(f"{name}: truncated or corrupt image data ({err}).", reason="corrupt") from err
     w, h = im.size
     if w * h > max_pixels:
         raise InvalidImageError(f"{name}: {w}x{h} exceeds the limit of {max_pixels:,} pixels.", reason="too_large")
     if min(w, h) < min_side:
-        raise InvalidImageError(f"{name}: {w}x{h} is too small; both sides must be at least {min_side} px.",
-                                reason="too_small")
+        raise InvalidImageError(
+            f"{name}: {w}x{h} is too small; both sides must be at least {min_side} px.", reason="too_small"
+        )
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # a broken EXIF block should not lose a decodable image
@@ -124,9 +134,12 @@ def encode_image_b64(data: bytes) -> str:
 
 # %% ../nbs/00a_images.ipynb #0519bdf1
 def decode_image_b64(index: int, text) -> tuple[bytes, "Image.Image"]:
-    "One base64 row to (file bytes, upright RGB image), or `InvalidImageError` naming the row (reason `not_base64` or the decoder's)."
+    """One base64 row to (file bytes, upright RGB image), or `InvalidImageError` naming the row (reason `not_base64` or
+    the decoder's)."""
     if not isinstance(text, (str, bytes)):
-        raise InvalidImageError(f"row {index}: the image column must hold base64 text, got {type(text).__name__}", "not_base64")
+        raise InvalidImageError(
+            f"row {index}: the image column must hold base64 text, got {type(text).__name__}", "not_base64"
+        )
     try:
         data = base64.b64decode(text, validate=True)
     except (ValueError, TypeError) as err:

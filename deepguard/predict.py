@@ -16,8 +16,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .core import (DeepGuardError, InvalidImageError, file_sha256, inference_runtime, label_for, openvino_config,
-                            project_root, resolve)
+from deepguard.core import (
+    DeepGuardError,
+    InvalidImageError,
+    file_sha256,
+    inference_runtime,
+    label_for,
+    openvino_config,
+    project_root,
+    resolve,
+)
 from .images import ImageSource, load_image
 from .faces import FaceCrop, prepare_faces, recorded_chain
 
@@ -89,16 +97,20 @@ def read_decision(threshold_path) -> dict:
     an incomplete one, is refused: answering on raw scores with a 0.5 cut would flip labels without a word."""
     path = Path(threshold_path)
     if not path.is_file():
-        raise DeepGuardError(f"{path}: no decision threshold and calibration for this model (the evaluate stage writes "
-                             "them). Run `dvc repro evaluate` (or wait for the running one to finish); a model is never "
-                             "answered uncalibrated.")
+        raise DeepGuardError(
+            f"{path}: no decision threshold and calibration for this model (the evaluate stage writes "
+            "them). Run `dvc repro evaluate` (or wait for the running one to finish); a model is never "
+            "answered uncalibrated."
+        )
     try:
         decision = json.loads(path.read_text())
         threshold, calibration = float(decision["threshold"]), decision["calibration"]
         calibration = dict(slope=float(calibration["slope"]), centre_logit=float(calibration["centre_logit"]))
     except (ValueError, KeyError, TypeError) as err:
-        raise DeepGuardError(f"{path}: incomplete or unreadable ({type(err).__name__}: {err}); it needs `threshold` and "
-                             "`calibration` {slope, centre_logit}. Re-run `dvc repro evaluate`.") from None
+        raise DeepGuardError(
+            f"{path}: incomplete or unreadable ({type(err).__name__}: {err}); it needs `threshold` and "
+            "`calibration` {slope, centre_logit}. Re-run `dvc repro evaluate`."
+        ) from None
     if not 0.0 <= threshold <= 1.0:
         raise DeepGuardError(f"{path}: threshold {threshold} is not within [0, 1]. Re-run `dvc repro evaluate`.")
     return {**decision, "threshold": threshold, "calibration": calibration}
@@ -168,20 +180,27 @@ def openvino_predict(xml, key: str) -> OpenVINOPredict:
                              "DEEPGUARD_RUNTIME=tensorflow answers from the Keras model instead.")
     core = ov.Core()
     graph = core.read_model(xml, xml.with_suffix(".bin"))
-    made_from = graph.get_rt_info(["deepguard", "made_from"]).astype(str) if graph.has_rt_info(["deepguard", "made_from"]) else ""
+    made_from = (
+        graph.get_rt_info(["deepguard", "made_from"]).astype(str)
+        if graph.has_rt_info(["deepguard", "made_from"])
+        else ""
+    )
     if made_from != key:
-        raise DeepGuardError(f"{xml} was exported from another model file or calibration (made from {made_from or 'unknown'}, "
-                             f"expected {key}): re-export it with `deepguard export` (the register stage does).")
+        raise DeepGuardError(
+            f"{xml} was exported from another model file or calibration (made from {made_from or 'unknown'}, "
+            f"expected {key}): re-export it with `deepguard export` (the register stage does)."
+        )
     # f32 explicitly: on CPUs with AMX / AVX-512 BF16, OpenVINO's default is bf16 (P(fake) off by up to 0.06)
     return OpenVINOPredict(core.compile_model(graph, "CPU", openvino_config()))
 
 # %% ../nbs/07_predict.ipynb #176cc403
 def detector_from_files(model_path, metadata_path, threshold_path, name: str, version: str | None = None,
                         runtime: str | None = None, graph: str | Path | None = None) -> LoadedDetector:
-    "A detector from its files (the pipeline's and the registered pyfunc's are the same): metadata, threshold, and the exported `graph` (default beside the model) or, with runtime tensorflow, the Keras model."
+    """A detector from its files (the pipeline's and the registered pyfunc's are the same): metadata, threshold, and the
+    exported `graph` (default beside the model) or, with runtime tensorflow, the Keras model."""
     runtime = inference_runtime(runtime)
     metadata = json.loads(Path(metadata_path).read_text())
-    metadata["processing"] = recorded_chain(metadata.get("processing"))   # complete, or refused
+    metadata["processing"] = recorded_chain(metadata.get("processing"))  # complete, or refused
     if not isinstance(metadata.get("input_size"), int):
         raise DeepGuardError(f"{metadata_path} records no input_size: retrain the model (`make pipeline`).")
     decision = read_decision(threshold_path)
@@ -189,24 +208,32 @@ def detector_from_files(model_path, metadata_path, threshold_path, name: str, ve
     version = version or "run-" + metadata.get("mlflow_run_id", "unknown")[:8]
     if runtime == "tensorflow":
         import keras
+
         model = keras.saving.load_model(model_path, safe_mode=True)
         predict_fn = _compile(model, metadata["input_size"], calibration)
     else:
-        predict_fn = openvino_predict(graph or graph_path(model_path), graph_key(model_path, metadata["input_size"], calibration))
-    detector = LoadedDetector(str(model_path), metadata, float(decision["threshold"]), name, version, predict_fn,
-                              calibration, runtime)
+        predict_fn = openvino_predict(
+            graph or graph_path(model_path), graph_key(model_path, metadata["input_size"], calibration)
+        )
+    detector = LoadedDetector(
+        str(model_path), metadata, float(decision["threshold"]), name, version, predict_fn, calibration, runtime
+    )
     if runtime == "tensorflow":
-        detector.__dict__["model"] = model      # already loaded: the cached property's slot
+        detector.__dict__["model"] = model  # already loaded: the cached property's slot
     return detector
 
 # %% ../nbs/07_predict.ipynb #07cbd293
 def _load_local(path: Path) -> LoadedDetector:
     if not path.is_file():
-        raise DeepGuardError(f"No model at {path}. Run `make pipeline` to train one, or pass model=/path/to/detector.keras "
-                             "(or a models:/ URI), or set DEEPGUARD_MODEL.")
+        raise DeepGuardError(
+            f"No model at {path}. Run `make pipeline` to train one, or pass model=/path/to/detector.keras "
+            "(or a models:/ URI), or set DEEPGUARD_MODEL."
+        )
     metadata_file = path.with_suffix(".json")
     if not metadata_file.is_file():
-        raise DeepGuardError(f"{metadata_file} is missing: a detector needs its metadata (input size, processing) beside it.")
+        raise DeepGuardError(
+            f"{metadata_file} is missing: a detector needs its metadata (input size, processing) beside it."
+        )
     return detector_from_files(path, metadata_file, path.parent / "threshold.json", path.name)
 
 # %% ../nbs/07_predict.ipynb #6ba835f6
@@ -217,24 +244,31 @@ def _load_registry(uri: str) -> LoadedDetector:
     tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
     try:
         tracking = mlflow_setup()
-    except DeepGuardError:           # outside a project: only MLFLOW_TRACKING_URI can say where the registry is
+    except DeepGuardError:  # outside a project: only MLFLOW_TRACKING_URI can say where the registry is
         if not tracking:
-            raise DeepGuardError(f"Cannot resolve {uri}: not inside a DeepGuard project and MLFLOW_TRACKING_URI is unset.")
+            raise DeepGuardError(
+                f"Cannot resolve {uri}: not inside a DeepGuard project and MLFLOW_TRACKING_URI is unset."
+            )
         mlflow.set_tracking_uri(tracking)
-    except Exception as err:         # an unreachable or refusing tracking server; its URI may hold a password
-        raise DeepGuardError(f"Could not reach the MLflow tracking server at {redact(tracking)}: "
-                             f"{type(err).__name__}: {redact(err)}"[:600]) from None
-    name, _, ref = uri[len("models:/"):].partition("@")
+    except Exception as err:  # an unreachable or refusing tracking server; its URI may hold a password
+        raise DeepGuardError(
+            f"Could not reach the MLflow tracking server at {redact(tracking)}: {type(err).__name__}: {redact(err)}"[
+                :600
+            ]
+        ) from None
+    name, _, ref = uri[len("models:/") :].partition("@")
     client = MlflowClient()
     try:
-        if ref:                                  # models:/name@alias
+        if ref:  # models:/name@alias
             version = client.get_model_version_by_alias(name, ref).version
-        else:                                    # models:/name/version
-            name, _, version = uri[len("models:/"):].partition("/")
+        else:  # models:/name/version
+            name, _, version = uri[len("models:/") :].partition("/")
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
     except Exception as err:
-        raise DeepGuardError(f"Could not load {uri} from the MLflow registry at {redact(tracking)}: {redact(err)}"[:600]
-                             + ". Run `make pipeline` (its register stage fills the registry) or pass model=...") from None
+        raise DeepGuardError(
+            f"Could not load {uri} from the MLflow registry at {redact(tracking)}: {redact(err)}"[:600]
+            + ". Run `make pipeline` (its register stage fills the registry) or pass model=..."
+        ) from None
     return replace(_load_mlflow_folder(folder), name=name, version=str(version))
 
 # %% ../nbs/07_predict.ipynb #eaff468d
@@ -249,7 +283,11 @@ def pyfunc_files(folder: Path) -> tuple[dict, str] | None:
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return None
     needed = ("model", "metadata", "threshold", "openvino_xml")
-    return (files, str(mlmodel.get("run_id") or "unknown")) if all(k in files and files[k].is_file() for k in needed) else None
+    return (
+        (files, str(mlmodel.get("run_id") or "unknown"))
+        if all(k in files and files[k].is_file() for k in needed)
+        else None
+    )
 
 # %% ../nbs/07_predict.ipynb #67b4ffe6
 def _load_mlflow_folder(path: Path) -> LoadedDetector:
@@ -272,7 +310,8 @@ def _load_mlflow_folder(path: Path) -> LoadedDetector:
 # %% ../nbs/07_predict.ipynb #610b74e2
 @lru_cache(maxsize=4)
 def load_detector(location: str) -> LoadedDetector:
-    "Load a detector from a .keras path (metadata and threshold.json beside it), a models:/ URI or an MLflow model folder; cached."
+    """Load a detector from a .keras path (metadata and threshold.json beside it), a models:/ URI or an MLflow model
+    folder; cached."""
     if str(location).startswith("models:/"):
         return _load_registry(str(location))
     if (Path(location) / "MLmodel").is_file():
@@ -284,7 +323,11 @@ def resolve_model(model: str | Path | None = None) -> str:
     "Where `classify` loads its model from: argument, DEEPGUARD_MODEL, models/detector.keras, then the registry."
     chosen = model or os.environ.get("DEEPGUARD_MODEL")
     if chosen:
-        return str(chosen) if str(chosen).startswith("models:/") else str(resolve(chosen) if not Path(chosen).is_absolute() else chosen)
+        return (
+            str(chosen)
+            if str(chosen).startswith("models:/")
+            else str(resolve(chosen) if not Path(chosen).is_absolute() else chosen)
+        )
     try:
         local = resolve(LOCAL_MODEL)
     except DeepGuardError:

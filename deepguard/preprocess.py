@@ -54,9 +54,75 @@ def high_freq_energy(gray: np.ndarray) -> float:
     return float(power[radius > 0.5].sum() / total) if total > 0 else 0.0
 
 # libjpeg's standard luminance table (Annex K), against which IJG quality scales the stored one
-_STD_LUMA = np.array([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-                      14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-                      49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=np.float64)
+_STD_LUMA = np.array(
+    [
+        16,
+        11,
+        10,
+        16,
+        24,
+        40,
+        51,
+        61,
+        12,
+        12,
+        14,
+        19,
+        26,
+        58,
+        60,
+        55,
+        14,
+        13,
+        16,
+        24,
+        40,
+        57,
+        69,
+        56,
+        14,
+        17,
+        22,
+        29,
+        51,
+        87,
+        80,
+        62,
+        18,
+        22,
+        37,
+        56,
+        68,
+        109,
+        103,
+        77,
+        24,
+        35,
+        55,
+        64,
+        81,
+        104,
+        113,
+        92,
+        49,
+        64,
+        78,
+        87,
+        103,
+        121,
+        120,
+        101,
+        72,
+        92,
+        95,
+        98,
+        112,
+        100,
+        103,
+        99,
+    ],
+    dtype=np.float64,
+)
 
 # %% ../nbs/02_preprocess.ipynb #c7e778e7
 def jpeg_quality_estimate(image: Image.Image) -> float:
@@ -79,15 +145,26 @@ def webp_history(row) -> int:
 # %% ../nbs/02_preprocess.ipynb #08062129
 def shortcut_features(data: bytes, face_size: float = float("nan"), framing: float = float("nan"),
                       webp: float = float("nan")) -> dict:
-    "Trivial per-file statistics that must not predict the label (`face_size`, `framing`, `webp` from the chain and the manifest)."
+    """Trivial per-file statistics that must not predict the label (`face_size`, `framing`, `webp` from the chain and
+    the manifest)."""
     image = load_image(data)
     rgb = np.asarray(image, dtype=np.float64)
     hsv = np.asarray(image.convert("HSV"), dtype=np.float64)
     gray = np.asarray(image.convert("L"))
-    return dict(mean=rgb.mean(), std=rgb.std(), saturation=hsv[..., 1].mean(), file_size=len(data),
-                is_jpeg=float(data[:2] == b"\xff\xd8"), jpeg_quality=jpeg_quality_estimate(Image.open(io.BytesIO(data))),
-                high_freq_energy=high_freq_energy(gray), sharpness=sharpness(gray), width=float(image.width),
-                face_size=float(face_size), framing=float(framing), webp_history=float(webp))
+    return dict(
+        mean=rgb.mean(),
+        std=rgb.std(),
+        saturation=hsv[..., 1].mean(),
+        file_size=len(data),
+        is_jpeg=float(data[:2] == b"\xff\xd8"),
+        jpeg_quality=jpeg_quality_estimate(Image.open(io.BytesIO(data))),
+        high_freq_energy=high_freq_energy(gray),
+        sharpness=sharpness(gray),
+        width=float(image.width),
+        face_size=float(face_size),
+        framing=float(framing),
+        webp_history=float(webp),
+    )
 
 # %% ../nbs/02_preprocess.ipynb #e1784e74
 def shortcut_audit(features: pd.DataFrame, y) -> dict:
@@ -118,8 +195,14 @@ def diffusion_card(manifest: pd.DataFrame, drops: pd.DataFrame | None) -> list[s
     lines += [f"| `{rule}` | image | {n} |" for rule, n in images.items()]
     per = (diffusion.assign(file=diffusion.parent).groupby(["generator", "split"])
            .agg(files=("file", "nunique"), images=("path", "size")).reset_index())
-    lines += ["", f"Left: {diffusion.parent.nunique()} files, {len(diffusion)} face images (video thumbnails give up to "
-              "several frames each, all in their file's split):", "", "| family | split | files | images |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Left: {diffusion.parent.nunique()} files, {len(diffusion)} face images (video thumbnails give up to "
+        "several frames each, all in their file's split):",
+        "",
+        "| family | split | files | images |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r.generator} | {r.split} | {r.files} | {r.images} |" for r in per.itertuples()]
     return lines + [""]
 
@@ -139,55 +222,86 @@ def data_card(manifest: pd.DataFrame, quarantine: pd.DataFrame, duplicates: int,
               for r in sources.itertuples()]
     lines += ["", "## Counts per split", "", "| split | real | fake |", "|---|---|---|"]
     lines += [f"| {s} | {counts.loc[s].get('real', 0)} | {counts.loc[s].get('fake', 0)} |" for s in SPLITS]
-    lines += ["", f"Total {len(manifest)} images from {manifest.source.nunique()} sources. Splits are made per class "
-              "over sources (a seeded hash of the source name: a generator seed, a photograph); `external` holds "
-              "sources never used for training, threshold or model choice. Exact duplicates removed: "
-              f"{duplicates}. Quarantined (undecodable) files: {len(quarantine)}"
-              + (f" ({', '.join(f'{k}: {v}' for k, v in quarantine.reason.value_counts().items())})." if len(quarantine) else "."),
-              "", "## Processing: the face chain (identical for both classes, and at serving time)", "",
-              f"Safe decode to upright RGB; MTCNN face detection on a copy of at most {params['detect_max_side']} px "
-              f"(confidence >= {params['min_confidence']}); square crop of the largest face with margin "
-              f"{params['margin']}, kept inside the image (no face: the centred square); Lanczos to "
-              f"{params['image_size']} px; grayscale: {params['grayscale']}; JPEG quality {params['jpeg_quality']}, "
-              "4:2:0, no metadata. Parameters: `processing.json`, copied into the model's metadata.", "",
-              "## Shortcut audit", "",
-              "ROC-AUC of one trivial feature alone at telling fake (1) from real (0) over the train, val and test "
-              "splits. 0.5 means the feature carries no label information; the further from 0.5, the bigger the "
-              "shortcut. `face_size` (the face resolution the chain found in the file) and `framing` (face side over "
-              "crop side) are the same number in both columns: the final resize hides them.", "",
-              "| feature | raw files | processed |", "|---|---|---|"]
+    lines += [
+        "",
+        f"Total {len(manifest)} images from {manifest.source.nunique()} sources. Splits are made per class "
+        "over sources (a seeded hash of the source name: a generator seed, a photograph); `external` holds "
+        "sources never used for training, threshold or model choice. Exact duplicates removed: "
+        f"{duplicates}. Quarantined (undecodable) files: {len(quarantine)}"
+        + (
+            f" ({', '.join(f'{k}: {v}' for k, v in quarantine.reason.value_counts().items())})."
+            if len(quarantine)
+            else "."
+        ),
+        "",
+        "## Processing: the face chain (identical for both classes, and at serving time)",
+        "",
+        f"Safe decode to upright RGB; MTCNN face detection on a copy of at most {params['detect_max_side']} px "
+        f"(confidence >= {params['min_confidence']}); square crop of the largest face with margin "
+        f"{params['margin']}, kept inside the image (no face: the centred square); Lanczos to "
+        f"{params['image_size']} px; grayscale: {params['grayscale']}; JPEG quality {params['jpeg_quality']}, "
+        "4:2:0, no metadata. Parameters: `processing.json`, copied into the model's metadata.",
+        "",
+        "## Shortcut audit",
+        "",
+        "ROC-AUC of one trivial feature alone at telling fake (1) from real (0) over the train, val and test "
+        "splits. 0.5 means the feature carries no label information; the further from 0.5, the bigger the "
+        "shortcut. `face_size` (the face resolution the chain found in the file) and `framing` (face side over "
+        "crop side) are the same number in both columns: the final resize hides them.",
+        "",
+        "| feature | raw files | processed |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {audit['raw'][k]:.3f} | {audit['processed'][k]:.3f} |" for k in SHORTCUT_FEATURES]
     outside = [k for k in SHORTCUT_FEATURES if not 0.35 <= audit["processed"][k] <= 0.65]
-    lines += ["", "Outside [0.35, 0.65] after processing: " + (", ".join(f"`{k}` ({audit['processed'][k]:.3f})"
-              for k in outside) if outside else "none") + ".", ""]
+    lines += [
+        "",
+        "Outside [0.35, 0.65] after processing: "
+        + (", ".join(f"`{k}` ({audit['processed'][k]:.3f})" for k in outside) if outside else "none")
+        + ".",
+        "",
+    ]
     if "source_audit" in audit:
-        lines += ["Before the demo corpus's common acquisition step (the generators' and cameras' own output): "
-                  + ", ".join(f"`{k}` {v:.3f}" for k, v in audit["source_audit"].items()) + ".", ""]
+        lines += [
+            "Before the demo corpus's common acquisition step (the generators' and cameras' own output): "
+            + ", ".join(f"`{k}` {v:.3f}" for k, v in audit["source_audit"].items())
+            + ".",
+            "",
+        ]
     lines += diffusion_card(manifest, drops)
     decoded = manifest[manifest.generator.str.startswith("decoder-")]
     if len(decoded):
-        lines += ["## Aligned decoder fakes", "",
-                  f"{len(decoded)} reconstructions of real photographs through {decoded.generator.nunique()} small "
-                  "autoencoders trained in the ingest stage on the training photographs (`00e_decoders`): each "
-                  "is its photograph's size, JPEG quality and split; the external design's are external. "
-                  "Per design: " + ", ".join(f"`{g}` {n}" for g, n in decoded.generator.value_counts().sort_index().items())
-                  + ". The sharpness rows of the audit include them: a decoder's blur is its trace, not a shortcut.", ""]
+        lines += [
+            "## Aligned decoder fakes",
+            "",
+            f"{len(decoded)} reconstructions of real photographs through {decoded.generator.nunique()} small "
+            "autoencoders trained in the ingest stage on the training photographs (`00e_decoders`): each "
+            "is its photograph's size, JPEG quality and split; the external design's are external. "
+            "Per design: "
+            + ", ".join(f"`{g}` {n}" for g, n in decoded.generator.value_counts().sort_index().items())
+            + ". The sharpness rows of the audit include them: a decoder's blur is its trace, not a shortcut.",
+            "",
+        ]
     if manifest.generator.isin(["stylegan-mobile"]).any():
-        lines += ["## What the demo set can and cannot show", "",
-                  "- It is **small and not a benchmark of real-world deepfakes**. It exists so that the whole pipeline "
-                  "runs offline from packages alone.",
-                  "- **CelebA is for non-commercial research purposes only** (its agreement forbids commercial use); "
-                  "MobileStyleGAN's weights derive from **FFHQ** (images under CC BY-NC-SA 4.0 and their own licences), "
-                  "so the trained demo detector inherits those terms. The Olivetti faces are AT&T Laboratories "
-                  "Cambridge's, for research.",
-                  "- CelebA identities are not recorded in the shipped files, so one person may appear in two splits "
-                  "(the split is by photograph). Content differs between sources (celebrity photographs against "
-                  "FFHQ-like portraits against renders): a detector can learn content, which the external split "
-                  "checks only partly.",
-                  "- The fakes cover a distilled StyleGAN2, a small DCGAN, a small VAE, the project's own small "
-                  "decoders, and a few dozen diffusion thumbnails (downscaled, once WebP): a small and unusual "
-                  "diffusion sample, with frames of one video counted as several images.",
-                  "- Use a real dataset (GenImage, 140k Real and Fake Faces, CIFAKE: see README) for any claim about detection."]
+        lines += [
+            "## What the demo set can and cannot show",
+            "",
+            "- It is **small and not a benchmark of real-world deepfakes**. It exists so that the whole pipeline "
+            "runs offline from packages alone.",
+            "- **CelebA is for non-commercial research purposes only** (its agreement forbids commercial use); "
+            "MobileStyleGAN's weights derive from **FFHQ** (images under CC BY-NC-SA 4.0 and their own licences), "
+            "so the trained demo detector inherits those terms. The Olivetti faces are AT&T Laboratories "
+            "Cambridge's, for research.",
+            "- CelebA identities are not recorded in the shipped files, so one person may appear in two splits "
+            "(the split is by photograph). Content differs between sources (celebrity photographs against "
+            "FFHQ-like portraits against renders): a detector can learn content, which the external split "
+            "checks only partly.",
+            "- The fakes cover a distilled StyleGAN2, a small DCGAN, a small VAE, the project's own small "
+            "decoders, and a few dozen diffusion thumbnails (downscaled, once WebP): a small and unusual "
+            "diffusion sample, with frames of one video counted as several images.",
+            "- Use a real dataset (GenImage, 140k Real and Fake Faces, CIFAKE: see README) for any claim about "
+            "detection.",
+        ]
     return "\n".join(lines) + "\n"
 
 # %% ../nbs/02_preprocess.ipynb #e58a4671
@@ -243,9 +357,16 @@ def run(params: dict) -> dict:
     raw, processed_dir, reports = resolve(params["raw_dir"]), resolve(params["out_dir"]), resolve(params["report_dir"])
     if not (raw / "manifest.csv").is_file():
         raise FileNotFoundError(f"{raw / 'manifest.csv'} is missing: run the ingest stage first (dvc repro ingest).")
-    chain = chain_params(dict(image_size=params["image_size"], margin=params["margin"],
-                              jpeg_quality=params["jpeg_quality"], detect_max_side=params["detect_max_side"],
-                              min_confidence=params["min_confidence"], grayscale=as_bool("grayscale", params["grayscale"])))
+    chain = chain_params(
+        dict(
+            image_size=params["image_size"],
+            margin=params["margin"],
+            jpeg_quality=params["jpeg_quality"],
+            detect_max_side=params["detect_max_side"],
+            min_confidence=params["min_confidence"],
+            grayscale=as_bool("grayscale", params["grayscale"]),
+        )
+    )
     manifest = pd.read_csv(raw / "manifest.csv", keep_default_na=False)
     quarantine = pd.read_csv(raw / "quarantine.csv", keep_default_na=False)
     manifest, duplicates = dedupe(manifest)
@@ -253,8 +374,9 @@ def run(params: dict) -> dict:
         shutil.rmtree(processed_dir)
     rows, bad, raw_features, processed_features = [], [], [], []
     records = manifest.to_dict("records")
-    for result in tqdm(chain_rows(raw, records, chain, params["workers"]), total=len(records), desc="face chain",
-                       mininterval=10):
+    for result in tqdm(
+        chain_rows(raw, records, chain, params["workers"]), total=len(records), desc="face chain", mininterval=10
+    ):
         if "bad" in result:
             bad.append(result["bad"])
             continue
@@ -271,23 +393,36 @@ def run(params: dict) -> dict:
     quarantine.to_csv(processed_dir / "quarantine.csv", index=False)
     audit = stage_audit(manifest, processed, raw_features, processed_features)
     write_json(reports / "shortcut_audit.json", audit)
-    drops = pd.read_csv(raw / "diffusion_drops.csv", keep_default_na=False) if (raw / "diffusion_drops.csv").is_file() else None
+    drops = (
+        pd.read_csv(raw / "diffusion_drops.csv", keep_default_na=False)
+        if (raw / "diffusion_drops.csv").is_file()
+        else None
+    )
     (reports / "data_card.md").write_text(data_card(processed, quarantine, len(duplicates), audit, chain, drops))
-    log.info("%d images processed (%d without a face found), %d duplicates dropped, %d quarantined", len(processed),
-             int((~processed.face_found).sum()), len(duplicates), len(quarantine))
+    log.info(
+        "%d images processed (%d without a face found), %d duplicates dropped, %d quarantined",
+        len(processed),
+        int((~processed.face_found).sum()),
+        len(duplicates),
+        len(quarantine),
+    )
     return dict(processed=processed, processing=chain, audit=audit, raw=raw, processed_dir=processed_dir)
 
 # %% ../nbs/02_preprocess.ipynb #91b049c0
 def stage_audit(manifest: pd.DataFrame, processed: pd.DataFrame, raw_features: list, processed_features: list) -> dict:
     """The shortcut audit of the rows trained or tested on (external rows left out): trivial features before and after
-    the face chain and, for the demo corpus, the sources' own face size and format (a real dataset leaves those empty)."""
+    the face chain and, for the demo corpus, the sources' own face size and format (a real dataset leaves those
+    empty)."""
     inside = (processed.split != "external").to_numpy()
-    audit = {"raw": shortcut_audit(pd.DataFrame(raw_features)[inside], processed.y[inside]),
-             "processed": shortcut_audit(pd.DataFrame(processed_features)[inside], processed.y[inside])}
+    audit = {
+        "raw": shortcut_audit(pd.DataFrame(raw_features)[inside], processed.y[inside]),
+        "processed": shortcut_audit(pd.DataFrame(processed_features)[inside], processed.y[inside]),
+    }
     source_sizes = pd.to_numeric(manifest.get("source_face_size", pd.Series(dtype=str)), errors="coerce")
-    if len(source_sizes) and source_sizes.notna().all():   # what the generators and cameras gave before acquisition
+    if len(source_sizes) and source_sizes.notna().all():  # what the generators and cameras gave before acquisition
         src = manifest.set_index("path").loc[processed.raw_path[inside]]
         audit["source_audit"] = {
             "face_size": round(float(roc_auc_score(processed.y[inside], src.source_face_size.astype(float))), 4),
-            "is_jpeg": round(float(roc_auc_score(processed.y[inside], (src.source_format == "jpeg").astype(float))), 4)}
+            "is_jpeg": round(float(roc_auc_score(processed.y[inside], (src.source_format == "jpeg").astype(float))), 4),
+        }
     return audit

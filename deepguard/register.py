@@ -103,30 +103,54 @@ def register_model(model_path, threshold_path, metrics: dict, model_name: str, m
     metadata_path = model_path.with_suffix(".json")
     metadata = json.loads(metadata_path.read_text())
     example = pd.DataFrame({"image": [encode_image_b64(_example_png())]})
-    signature = infer_signature(example, pd.DataFrame({"probability_fake": [0.5], "label": ["REAL"], "face_found": [True]}))
+    signature = infer_signature(
+        example, pd.DataFrame({"probability_fake": [0.5], "label": ["REAL"], "face_found": [True]})
+    )
     threshold = json.loads(Path(threshold_path).read_text())["threshold"]
     passes, reason = gate(metrics, min_auc, comparison)
     with mlflow.start_run(run_name="register") as run:
         info = mlflow.pyfunc.log_model(
-            name="detector", python_model=DetectorPyfunc(), signature=signature,
-            artifacts={"model": str(model_path), "metadata": str(metadata_path), "threshold": str(threshold_path),
-                       "openvino_xml": str(model_path.with_suffix(".xml")), "openvino_bin": str(model_path.with_suffix(".bin"))},
-            code_paths=[str(project_root() / "deepguard")], registered_model_name=model_name,
-            pip_requirements=_pinned_requirements())
+            name="detector",
+            python_model=DetectorPyfunc(),
+            signature=signature,
+            artifacts={
+                "model": str(model_path),
+                "metadata": str(metadata_path),
+                "threshold": str(threshold_path),
+                "openvino_xml": str(model_path.with_suffix(".xml")),
+                "openvino_bin": str(model_path.with_suffix(".bin")),
+            },
+            code_paths=[str(project_root() / "deepguard")],
+            registered_model_name=model_name,
+            pip_requirements=_pinned_requirements(),
+        )
         mlflow.set_tags({"train_run_id": metadata.get("mlflow_run_id", ""), "gate": reason})
     version = str(info.registered_model_version)
     client = MlflowClient()
-    tags = {"threshold": threshold, "class_names": "0=real,1=fake", "input_size": metadata["input_size"],
-            "backbone": metadata["backbone"], "test_roc_auc": metrics["cnn"]["roc_auc"],
-            "test_accuracy": metrics["cnn"]["accuracy"], "manifest_sha256": metadata.get("manifest_sha256", ""),
-            "gate": reason}
+    tags = {
+        "threshold": threshold,
+        "class_names": "0=real,1=fake",
+        "input_size": metadata["input_size"],
+        "backbone": metadata["backbone"],
+        "test_roc_auc": metrics["cnn"]["roc_auc"],
+        "test_accuracy": metrics["cnn"]["accuracy"],
+        "manifest_sha256": metadata.get("manifest_sha256", ""),
+        "gate": reason,
+    }
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, str(value))
     if passes:
         client.set_registered_model_alias(model_name, "champion", version)
-    return dict(model_name=model_name, version=version, champion=passes, reason=reason,
-                model_uri=f"models:/{model_name}/{version}", run_id=run.info.run_id, threshold=threshold,
-                comparison=comparison)
+    return dict(
+        model_name=model_name,
+        version=version,
+        champion=passes,
+        reason=reason,
+        model_uri=f"models:/{model_name}/{version}",
+        run_id=run.info.run_id,
+        threshold=threshold,
+        comparison=comparison,
+    )
 
 # %% ../nbs/08_register.ipynb #4c5780de
 def _example_png() -> bytes:
@@ -137,15 +161,31 @@ def _example_png() -> bytes:
 
 # %% ../nbs/08_register.ipynb #cb1a0aba
 def _pinned_requirements() -> list[str]:
-    "The serving environment: the installed versions of what the pyfunc imports (no TensorFlow: it answers from the IR)."
+    """The serving environment: the installed versions of what the pyfunc imports (no TensorFlow: it answers from the
+    IR)."""
     from importlib.metadata import version
-    return [f"{name}=={version(name)}" for name in
-            ("mlflow", "openvino", "mtcnn", "joblib", "lz4", "pillow", "numpy", "pandas", "pyyaml", "scikit-learn")]
+
+    return [
+        f"{name}=={version(name)}"
+        for name in (
+            "mlflow",
+            "openvino",
+            "mtcnn",
+            "joblib",
+            "lz4",
+            "pillow",
+            "numpy",
+            "pandas",
+            "pyyaml",
+            "scikit-learn",
+        )
+    ]
 
 # %% ../nbs/08_register.ipynb #5847f3b1
 def run(params: dict) -> dict:
     """The register stage: the OpenVINO graph exported beside the model, the challenger compared with the champion on
-    this run's held-out crops, and the gate's decision registered in MLflow and written to `out_path`. Returns the record."""
+    this run's held-out crops, and the gate's decision registered in MLflow and written to `out_path`. Returns the
+    record."""
     from deepguard.core import mlflow_setup
     from deepguard.predict import export_openvino
 
@@ -159,9 +199,9 @@ def run(params: dict) -> dict:
     processed = resolve(params["processed_dir"])
     manifest = pd.read_csv(processed / "manifest.csv", keep_default_na=False)
     held_out = manifest[manifest.split.isin(["test", "external"])]
-    export_openvino(model_path, threshold_path)   # the graph every answer runs: models/detector.xml + .bin
+    export_openvino(model_path, threshold_path)  # the graph every answer runs: models/detector.xml + .bin
     challenger = detector_from_files(model_path, model_path.with_suffix(".json"), threshold_path, "challenger")
-    crops = [processed / p for p in held_out.path]      # read and scored in chunks, never all at once
+    crops = [processed / p for p in held_out.path]  # read and scored in chunks, never all at once
     comparison = compare_with_champion(params["model_name"], challenger, crops, held_out.y.to_numpy())
     record = register_model(model_path, threshold_path, metrics, params["model_name"], params["min_auc"], comparison)
     record["tracking_uri"] = uri if not uri.startswith("sqlite:") else "sqlite:///mlflow.db (project root)"

@@ -15,58 +15,12 @@ import numpy as np
 
 from .core import DeepGuardError, InvalidImageError, get_logger, label_for
 from .images import load_image
-from .images import decode_image_b64   # the pyfunc's row decoder: the same messages and reasons
+from .bodies import decode_images, image_column, limited_body
 from .gateway import LATENCY_BUCKETS, LIMITS, RequestError, receive_body, serving_limits
 
 # %% auto #0
-__all__ = ['BATCH_BUCKETS', 'PROBABILITY_BUCKETS', 'DEFAULT_SERVING', 'LOAD_WAIT', 'SERVE_DEFAULTS', 'image_column',
-           'decode_images', 'limited_body', 'serving_metrics', 'DetectorRuntime', 'server_settings', 'keep_counters',
-           'reap_workers', 'DeepGuardServer', 'serve']
-
-# %% ../nbs/11_serving.ipynb #a1f0c007
-def image_column(body: bytes, content_type: str = "application/json") -> list:
-    "The base64 texts of an MLflow scoring request, in row order; `RequestError` (400) for anything else."
-    from mlflow.exceptions import MlflowException
-    from mlflow.pyfunc.scoring_server import _split_data_and_params, infer_and_parse_data
-    if content_type.split(";")[0].strip().lower() not in ("application/json", ""):
-        raise RequestError(400, "content_type", f"send application/json (MLflow's scoring protocol), not {content_type!r}")
-    try:
-        text = body.decode("utf-8")
-        data, _ = _split_data_and_params(text)
-        frame = infer_and_parse_data(data)
-    except (UnicodeDecodeError, ValueError, MlflowException) as err:
-        message = err.message if isinstance(err, MlflowException) else str(err)
-        raise RequestError(400, "bad_json", f"not an MLflow scoring request: {message}"[:500])
-    if hasattr(frame, "columns"):
-        if "image" in frame.columns:
-            return list(frame["image"])
-        if len(frame.columns) == 1:
-            return list(frame.iloc[:, 0])
-        raise RequestError(400, "bad_json", f"expected a column named 'image', got {list(frame.columns)}")
-    if isinstance(frame, dict) and "image" in frame:
-        return list(np.asarray(frame["image"]).ravel())
-    return list(np.asarray(frame).ravel())
-
-# %% ../nbs/11_serving.ipynb #f7cdfe2e
-def decode_images(texts: list) -> tuple[list[bytes], list]:
-    "(image file bytes, decoded images) of base64 rows; `RequestError` (400) naming the first bad row and why."
-    if not texts:
-        raise RequestError(400, "empty_request", "the request has no rows: send at least one image")
-    try:
-        decoded = [decode_image_b64(row, text) for row, text in enumerate(texts)]
-    except InvalidImageError as err:
-        raise RequestError(400, err.reason, str(err))
-    return [data for data, _ in decoded], [image for _, image in decoded]
-
-# %% ../nbs/11_serving.ipynb #a1f0c011
-async def limited_body(request: "Request") -> dict:
-    "FastAPI dependency of `/invocations`, run in the server's main process: {'body': bytes} or {'error': (status, reason, message)}."
-    limits = serving_limits()
-    try:
-        return {"body": await receive_body(request.headers.get("content-length"), request.receive,
-                                           limits["max_body_bytes"], limits["body_timeout"])}
-    except RequestError as err:
-        return {"error": (err.status, err.reason, str(err))}
+__all__ = ['BATCH_BUCKETS', 'PROBABILITY_BUCKETS', 'DEFAULT_SERVING', 'LOAD_WAIT', 'SERVE_DEFAULTS', 'serving_metrics',
+           'DetectorRuntime', 'server_settings', 'keep_counters', 'reap_workers', 'DeepGuardServer', 'serve']
 
 # %% ../nbs/11_serving.ipynb #a1f0c014
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -78,15 +32,41 @@ def serving_metrics(registry=None) -> dict:
     if registry is None:                 # the registry MLServer's /metrics serves when it runs in one process
         from prometheus_client import REGISTRY as registry
     spec = {
-        "batch": (Histogram, "deepguard_batch_size", "images per model call after adaptive batching", [], {"buckets": BATCH_BUCKETS}),
-        "probability": (Histogram, "deepguard_probability_fake", "served calibrated P(fake)", [], {"buckets": PROBABILITY_BUCKETS}),
-        "predictions": (Counter, "deepguard_predictions_total", "served answers by label and whether a face was found", ["label", "face_found"], {}),
-        "info": (Gauge, "deepguard_model_info", "the loaded detector (value 1): decision threshold, input size, runtime", ["threshold", "input_size", "runtime"], {}),
+        "batch": (
+            Histogram,
+            "deepguard_batch_size",
+            "images per model call after adaptive batching",
+            [],
+            {"buckets": BATCH_BUCKETS},
+        ),
+        "probability": (
+            Histogram,
+            "deepguard_probability_fake",
+            "served calibrated P(fake)",
+            [],
+            {"buckets": PROBABILITY_BUCKETS},
+        ),
+        "predictions": (
+            Counter,
+            "deepguard_predictions_total",
+            "served answers by label and whether a face was found",
+            ["label", "face_found"],
+            {},
+        ),
+        "info": (
+            Gauge,
+            "deepguard_model_info",
+            "the loaded detector (value 1): decision threshold, input size, runtime",
+            ["threshold", "input_size", "runtime"],
+            {},
+        ),
     }
     metrics = {}
-    spec["info"][4]["multiprocess_mode"] = "max"     # one series, not one per worker process
+    spec["info"][4]["multiprocess_mode"] = "max"  # one series, not one per worker process
     for key, (kind, name, doc, labels, extra) in spec.items():
-        existing = registry._names_to_collectors.get(name) or registry._names_to_collectors.get(name.removesuffix("_total"))
+        existing = registry._names_to_collectors.get(name) or registry._names_to_collectors.get(
+            name.removesuffix("_total")
+        )
         metrics[key] = existing or kind(name, doc, ["model_name", "model_version", *labels], registry=registry, **extra)
     return metrics
 
@@ -126,7 +106,9 @@ class DetectorRuntime(MLModel):
         from deepguard.predict import load_detector
         params = self.settings.parameters
         if params is None or not params.uri:
-            raise DeepGuardError("DetectorRuntime needs parameters.uri: a models:/ URI, an MLflow model folder or a .keras file")
+            raise DeepGuardError(
+                "DetectorRuntime needs parameters.uri: a models:/ URI, an MLflow model folder or a .keras file"
+            )
         extra = {**DEFAULT_SERVING, **(params.extra or {})}
         self.limits = serving_limits()
         self.pool = ThreadPoolExecutor(max_workers=int(extra["inference_threads"]), thread_name_prefix="deepguard")
@@ -137,10 +119,17 @@ class DetectorRuntime(MLModel):
         for label in ("FAKE", "REAL"):
             for face in ("true", "false"):
                 self.metrics["predictions"].labels(*self.labels, label, face)
-        self.metrics["info"].labels(*self.labels, f"{self.detector.threshold:.4f}", str(self.detector.metadata["input_size"]),
-                                    self.detector.runtime).set(1)
+        self.metrics["info"].labels(
+            *self.labels,
+            f"{self.detector.threshold:.4f}",
+            str(self.detector.metadata["input_size"]),
+            self.detector.runtime,
+        ).set(1)
         from PIL import Image
-        await asyncio.get_running_loop().run_in_executor(self.pool, self.detector.score, [Image.new("RGB", (160, 160), (128, 128, 128))])
+
+        await asyncio.get_running_loop().run_in_executor(
+            self.pool, self.detector.score, [Image.new("RGB", (160, 160), (128, 128, 128))]
+        )
         get_logger("serving").info("loaded %s version %s from %s", *self.labels, params.uri)
         self.loaded.set()
         return True
@@ -151,11 +140,13 @@ class DetectorRuntime(MLModel):
         n, budget = len(files), self.limits["max_request_pixels"]
         out_p, out_face, errors = np.full(n, np.nan), np.zeros(n, bool), [""] * n
         pending, held = [], 0
+
         def flush():
             probs, crops = self.detector.score([image for _, image in pending])
             for (i, _), p, crop in zip(pending, probs, crops):
                 out_p[i], out_face[i] = p, crop.face_found
             pending.clear()
+
         for i, data in enumerate(files):
             try:
                 image = load_image(data)
@@ -163,8 +154,10 @@ class DetectorRuntime(MLModel):
                 errors[i] = f"{err} (reason: {err.reason})"
                 continue
             if pending and held + image.width * image.height > budget:
-                flush(); held = 0
-            pending.append((i, image)); held += image.width * image.height
+                flush()
+                held = 0
+            pending.append((i, image))
+            held += image.width * image.height
         if pending:
             flush()
         labels = label_for(out_p, self.detector.threshold)
@@ -190,34 +183,52 @@ class DetectorRuntime(MLModel):
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         await self.until_loaded()
-        files = [x if isinstance(x, bytes) else _from_text(x) for inp in payload.inputs if inp.name == "image" for x in inp.data]
+        files = [
+            x if isinstance(x, bytes) else _from_text(x)
+            for inp in payload.inputs
+            if inp.name == "image"
+            for x in inp.data
+        ]
         result = await asyncio.get_running_loop().run_in_executor(self.pool, self._score, files)
         self._record(len(files), result)
-        return InferenceResponse(model_name=self.name, model_version=self.detector.version, outputs=[
-            NumpyCodec.encode_output("probability_fake", result["probability_fake"].astype(np.float64)),
-            StringCodec.encode_output("label", [str(x) for x in result["label"]]),
-            NumpyCodec.encode_output("face_found", result["face_found"]),
-            StringCodec.encode_output("error", result["error"])])
+        return InferenceResponse(
+            model_name=self.name,
+            model_version=self.detector.version,
+            outputs=[
+                NumpyCodec.encode_output("probability_fake", result["probability_fake"].astype(np.float64)),
+                StringCodec.encode_output("label", [str(x) for x in result["label"]]),
+                NumpyCodec.encode_output("face_found", result["face_found"]),
+                StringCodec.encode_output("error", result["error"]),
+            ],
+        )
 
     @custom_handler(rest_path="/invocations")
-    async def invocations(self, received: dict = Depends(limited_body), content_type: str = Header(default="application/json")):
+    async def invocations(
+        self, received: dict = Depends(limited_body), content_type: str = Header(default="application/json")
+    ):
         "MLflow's scoring protocol through `predict`; 400/408/413 with a JSON reason (counted by the front door)."
         from fastapi.responses import JSONResponse
+
         await self.until_loaded()
         try:
             if "error" in received:
                 raise RequestError(*received["error"])
             result = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._check_and_score, received["body"], content_type)
+                self.pool, self._check_and_score, received["body"], content_type
+            )
             self._record(len(result["label"]), result)
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
         except Exception as err:  # a bug or an exhausted machine: a 500 that says so, never a hang
             get_logger("serving").exception("invocation failed")
-            return JSONResponse({"error_code": "INTERNAL_ERROR", "message": f"{type(err).__name__}: {err}"[:500],
-                                 "reason": "internal"}, status_code=500)
-        predictions = [{"probability_fake": float(p), "label": str(l), "face_found": bool(f)}
-                       for p, l, f in zip(result["probability_fake"], result["label"], result["face_found"])]
+            return JSONResponse(
+                {"error_code": "INTERNAL_ERROR", "message": f"{type(err).__name__}: {err}"[:500], "reason": "internal"},
+                status_code=500,
+            )
+        predictions = [
+            {"probability_fake": float(p), "label": str(l), "face_found": bool(f)}
+            for p, l, f in zip(result["probability_fake"], result["label"], result["face_found"])
+        ]
         return JSONResponse({"predictions": predictions})
 
     @custom_handler(rest_path="/ping", rest_method="GET")

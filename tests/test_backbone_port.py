@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
-from deepguard.model import LITE0_BLOCKS, efficientnet_lite0, lite0_imagenet_weights, lite0_state_dict, load_npz_weights, set_weights_by_name
+from deepguard.model import (
+    LITE0_BLOCKS,
+    efficientnet_lite0,
+    lite0_imagenet_weights,
+    lite0_state_dict,
+    load_npz_weights,
+    set_weights_by_name,
+)
 
 PHOTOS = {"chelsea": data.chelsea, "coffee": data.coffee, "motorcycle_left": lambda: data.stereo_motorcycle()[0]}
 
@@ -22,7 +29,9 @@ def torch_lite0(state: dict, x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
 
     def bn(x, p):
-        return F.batch_norm(x, T[f"{p}.running_mean"], T[f"{p}.running_var"], T[f"{p}.weight"], T[f"{p}.bias"], False, 0.0, 1e-3)
+        return F.batch_norm(
+            x, T[f"{p}.running_mean"], T[f"{p}.running_var"], T[f"{p}.weight"], T[f"{p}.bias"], False, 0.0, 1e-3
+        )
 
     x = F.relu6(bn(F.conv2d(same(x, 3, 2), T["_conv_stem.weight"], stride=2), "_bn0"))
     b = 0
@@ -32,7 +41,9 @@ def torch_lite0(state: dict, x: torch.Tensor) -> torch.Tensor:
             p, shortcut = f"_blocks.{b}", x
             if expand != 1:
                 x = F.relu6(bn(F.conv2d(x, T[f"{p}._expand_conv.weight"]), f"{p}._bn0"))
-            x = F.relu6(bn(F.conv2d(same(x, k, s), T[f"{p}._depthwise_conv.weight"], stride=s, groups=x.shape[1]), f"{p}._bn1"))
+            x = F.relu6(
+                bn(F.conv2d(same(x, k, s), T[f"{p}._depthwise_conv.weight"], stride=s, groups=x.shape[1]), f"{p}._bn1")
+            )
             x = bn(F.conv2d(x, T[f"{p}._project_conv.weight"]), f"{p}._bn2")
             if s == 1 and c == c_out:
                 x = x + shortcut
@@ -59,5 +70,8 @@ def test_port_matches_pytorch(models, name):
         theirs = torch_lite0(state, torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()[0]
     assert ours.argmax() == theirs.argmax()
     assert np.abs(ours - theirs).max() < 1e-4
-    probs = np.exp(theirs - theirs.max()); probs /= probs.sum()
-    assert probs.max() > 0.3, "the weights should be confident on a clear photo; a layout error gives near-uniform output"
+    probs = np.exp(theirs - theirs.max())
+    probs /= probs.sum()
+    assert probs.max() > 0.3, (
+        "the weights should be confident on a clear photo; a layout error gives near-uniform output"
+    )

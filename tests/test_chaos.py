@@ -60,39 +60,69 @@ def tree_rss(pid: int) -> int:
 def workers(pid: int) -> list[psutil.Process]:
     "MLServer's inference worker processes (multiprocessing children of the server)."
     children = psutil.Process(pid).children(recursive=True)
-    return [p for p in children if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+    return [
+        p for p in children if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())
+    ]
 
 
 def series(url: str) -> dict:
     import re
+
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(deepguard_\S+) (\S+)$", text, re.M)}
 
 
 def summed(values: dict, name: str, **labels) -> float:
-    return sum(v for k, v in values.items() if k.split("{")[0] == name and all(f'{a}="{b}"' in k for a, b in labels.items()))
+    return sum(
+        v for k, v in values.items() if k.split("{")[0] == name and all(f'{a}="{b}"' in k for a, b in labels.items())
+    )
 
 
 @pytest.fixture(scope="module")
 def chaos(tiny_project):
     port, metrics_port, grpc_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DEEPGUARD_ADMIN_TOKEN": TOKEN,
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "DEEPGUARD_RETRY_WAIT": str(RETRY_WAIT)}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "DEEPGUARD_ADMIN_TOKEN": TOKEN,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "DEEPGUARD_RETRY_WAIT": str(RETRY_WAIT),
+    }
     env.pop("DEEPGUARD_ROOT", None)
     base = f"http://127.0.0.1:{port}"
-    cmd = ["deepguard", "serve", "--model", "models:/deepguard-detector-test@champion", "--workers", "2",
-           "--port", str(port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port),
-           "--max-body-bytes", str(MAX_BODY)]
-    with background_server(cmd, tiny_project, env, tiny_project / "chaos.log", lambda: answers_ok(base + "/v2/health/ready"),
-                           240) as proc:
-        yield dict(base=base, grpc=f"127.0.0.1:{grpc_port}", metrics=f"http://127.0.0.1:{metrics_port}/metrics",
-                   proc=proc, log=tiny_project / "chaos.log")
+    cmd = [
+        "deepguard",
+        "serve",
+        "--model",
+        "models:/deepguard-detector-test@champion",
+        "--workers",
+        "2",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--grpc-port",
+        str(grpc_port),
+        "--max-body-bytes",
+        str(MAX_BODY),
+    ]
+    with background_server(
+        cmd, tiny_project, env, tiny_project / "chaos.log", lambda: answers_ok(base + "/v2/health/ready"), 240
+    ) as proc:
+        yield dict(
+            base=base,
+            grpc=f"127.0.0.1:{grpc_port}",
+            metrics=f"http://127.0.0.1:{metrics_port}/metrics",
+            proc=proc,
+            log=tiny_project / "chaos.log",
+        )
 
 
 class Load:
     "Clients on threads sending good and bad requests in turn until stopped; every answer is kept."
+
     def __init__(self, base: str, goods: list, clients: int = 6):
         self.base, self.goods, self.clients = base, goods, clients
         self.stop, self.answers, self.threads = threading.Event(), [], []
@@ -101,16 +131,24 @@ class Load:
         i = k
         while not self.stop.is_set():
             i += 1
-            if i % 4 == 0:                     # a bad row: 400 not_image, on either route
+            if i % 4 == 0:  # a bad row: 400 not_image, on either route
                 route = "/invocations" if i % 8 == 0 else "/v2/models/deepguard/infer"
-                body = ({"inputs": {"image": [b64(b"not an image")]}} if route == "/invocations" else
-                        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(b"not an image")]}]})
+                body = (
+                    {"inputs": {"image": [b64(b"not an image")]}}
+                    if route == "/invocations"
+                    else {
+                        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(b"not an image")]}]
+                    }
+                )
                 self.answers.append(("bad", route, None, *self.send(route, body)))
                 continue
             data, expected = self.goods[i % len(self.goods)]
             route = "/invocations" if i % 2 else "/v2/models/deepguard/infer"
-            body = ({"inputs": {"image": [b64(data)]}} if route == "/invocations" else
-                    {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(data)]}]})
+            body = (
+                {"inputs": {"image": [b64(data)]}}
+                if route == "/invocations"
+                else {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(data)]}]}
+            )
             self.answers.append(("good", route, expected, *self.send(route, body)))
 
     def send(self, route: str, body) -> tuple:
@@ -134,6 +172,7 @@ class Load:
 
 class RSS:
     "The peak RSS of a process tree, sampled every 0.2 s on a thread."
+
     def __init__(self, pid: int):
         self.pid, self.peak, self.stop = pid, 0, threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -161,13 +200,14 @@ def test_chaos(chaos, tiny_project):
     import grpc
     from mlserver.grpc import dataplane_pb2, dataplane_pb2_grpc, model_repository_pb2, model_repository_pb2_grpc
     from deepguard.predict import classify
+
     base = chaos["base"]
     files = sorted((tiny_project / "data" / "raw" / "images").rglob("*.jpg"))[:4]
     expected = [r.probability_fake for r in classify(files, model=tiny_project / "models" / "detector.keras")]
     goods = [(f.read_bytes(), p) for f, p in zip(files, expected)]
     rss = RSS(chaos["proc"].pid)
     rss.thread.start()
-    refusals = []                                      # (what, status or gRPC code, expected)
+    refusals = []  # (what, status or gRPC code, expected)
     channel = grpc.insecure_channel(chaos["grpc"])
     infer = dataplane_pb2_grpc.GRPCInferenceServiceStub(channel)
     repository = model_repository_pb2_grpc.ModelRepositoryServiceStub(channel)
@@ -180,8 +220,17 @@ def test_chaos(chaos, tiny_project):
             return err.code()
 
     def grpc_request(images: list[bytes]):
-        return dataplane_pb2.ModelInferRequest(model_name="deepguard", inputs=[dataplane_pb2.ModelInferRequest.InferInputTensor(
-            name="image", datatype="BYTES", shape=[len(images)], contents=dataplane_pb2.InferTensorContents(bytes_contents=images))])
+        return dataplane_pb2.ModelInferRequest(
+            model_name="deepguard",
+            inputs=[
+                dataplane_pb2.ModelInferRequest.InferInputTensor(
+                    name="image",
+                    datatype="BYTES",
+                    shape=[len(images)],
+                    contents=dataplane_pb2.InferTensorContents(bytes_contents=images),
+                )
+            ],
+        )
 
     with Load(base, goods) as load:
         time.sleep(3)
@@ -189,14 +238,22 @@ def test_chaos(chaos, tiny_project):
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             status, body = call(base + "/v2/repository/models/deepguard/unload", {}, headers)
             refusals.append(("unload " + str(headers), (status, body.get("reason")), (401, "unauthorized")))
-        code = grpc_code(repository.RepositoryModelUnload, model_repository_pb2.RepositoryModelUnloadRequest(model_name="deepguard"))
+        code = grpc_code(
+            repository.RepositoryModelUnload, model_repository_pb2.RepositoryModelUnloadRequest(model_name="deepguard")
+        )
         refusals.append(("gRPC unload", code, grpc.StatusCode.UNAUTHENTICATED))
         # oversize bodies: declared, and gRPC's message limit
         conn = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=60)
-        conn.request("POST", "/v2/models/deepguard/infer", body=b"{" + b" " * (MAX_BODY + 10) + b"}",
-                     headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v2/models/deepguard/infer",
+            body=b"{" + b" " * (MAX_BODY + 10) + b"}",
+            headers={"Content-Type": "application/json"},
+        )
         response = conn.getresponse()
-        refusals.append(("V2 oversize", (response.status, json.loads(response.read())["reason"]), (413, "body_too_large")))
+        refusals.append(
+            ("V2 oversize", (response.status, json.loads(response.read())["reason"]), (413, "body_too_large"))
+        )
         conn.close()
         code = grpc_code(infer.ModelInfer, grpc_request([b"x" * (MAX_BODY + 10)]))
         refusals.append(("gRPC oversize", code, grpc.StatusCode.RESOURCE_EXHAUSTED))
@@ -205,8 +262,12 @@ def test_chaos(chaos, tiny_project):
         # a burst of many-row requests, and decompression bombs spread over rows
         tiny = b64(png((16, 16)))
         burst = []
-        threads = [threading.Thread(target=lambda: burst.append(call(base + "/invocations", {"inputs": {"image": [tiny] * 2000}})))
-                   for _ in range(10)]
+        threads = [
+            threading.Thread(
+                target=lambda: burst.append(call(base + "/invocations", {"inputs": {"image": [tiny] * 2000}}))
+            )
+            for _ in range(10)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -245,16 +306,21 @@ def test_chaos(chaos, tiny_project):
     for what, got, want in refusals:
         assert got == want, (what, got, want)
     goods_seen = [a for a in load.answers if a[0] == "good"]
-    wrong = [(route, status, str(body)[:200]) for kind, route, p, status, body in goods_seen
-             if status != 200 or abs(probability(route, body) - p) > 1e-6]
+    wrong = [
+        (route, status, str(body)[:200])
+        for kind, route, p, status, body in goods_seen
+        if status != 200 or abs(probability(route, body) - p) > 1e-6
+    ]
     assert len(goods_seen) > 100 and not wrong, (len(goods_seen), wrong[:5])
     # a bad row: 400 naming it on MLflow's route; on V2 a 200 whose `error` output names it
     bad = [(route, status, body) for kind, route, p, status, body in load.answers if kind == "bad"]
+
     def refused(route, status, body):
         if route == "/invocations":
             return status == 400 and body.get("reason") == "not_image"
         errors = {o["name"]: o["data"] for o in body.get("outputs", [])}.get("error", [""])
         return status == 200 and "reason: not_image" in errors[0]
+
     assert bad and all(refused(*b) for b in bad), [b for b in bad if not refused(*b)][:5]
     # counters never go down across the deaths, and the retries were counted
     for name in ("deepguard_requests_total", "deepguard_predictions_total"):
@@ -265,8 +331,10 @@ def test_chaos(chaos, tiny_project):
     assert summed(after, "deepguard_errors_total", route="grpc", reason="unauthorized") >= 1
     assert summed(after, "deepguard_errors_total", route="grpc", reason="too_many_images") >= 1
     assert rss.peak < RSS_BOUND, f"peak RSS {rss.peak / 1e6:.0f} MB"
-    print(f"chaos: {len(goods_seen)} good answers, peak RSS {rss.peak / 1e6:.0f} MB, "
-          f"retries {summed(after, 'deepguard_worker_retries_total', result='answered'):.0f}")
+    print(
+        f"chaos: {len(goods_seen)} good answers, peak RSS {rss.peak / 1e6:.0f} MB, "
+        f"retries {summed(after, 'deepguard_worker_retries_total', result='answered'):.0f}"
+    )
 
     # an authorised unload takes the model away, and readiness says so (a restart brings it back)
     status, _ = call(base + "/v2/repository/models/deepguard/unload", {}, {"Authorization": f"Bearer {TOKEN}"})
@@ -278,7 +346,7 @@ def test_chaos(chaos, tiny_project):
 
 # The dashboard: 20 visitors at once against a cap of 3 kernels, culled after 5 idle seconds.
 MAX_KERNELS = 3
-KERNEL_RSS_BOUND = 600_000_000     # bytes per visitor's kernel before any upload (measured ~300 MB)
+KERNEL_RSS_BOUND = 600_000_000  # bytes per visitor's kernel before any upload (measured ~300 MB)
 
 
 @pytest.fixture(scope="module")
@@ -287,12 +355,26 @@ def dashboard(tiny_project):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2"}
     for key in ("DEEPGUARD_ROOT", "MLFLOW_TRACKING_URI", "DEEPGUARD_MODEL"):
         env.pop(key, None)
-    cmd = [str(BIN / "voila"), "app/dashboard.ipynb", "--Voila.config_file_paths=app", "--Voila.ip=127.0.0.1",
-           f"--port={port}", "--no-browser", f"--CappedKernelManager.max_kernels={MAX_KERNELS}",
-           "--MappingKernelManager.cull_idle_timeout=5", "--MappingKernelManager.cull_interval=2"]
+    cmd = [
+        str(BIN / "voila"),
+        "app/dashboard.ipynb",
+        "--Voila.config_file_paths=app",
+        "--Voila.ip=127.0.0.1",
+        f"--port={port}",
+        "--no-browser",
+        f"--CappedKernelManager.max_kernels={MAX_KERNELS}",
+        "--MappingKernelManager.cull_idle_timeout=5",
+        "--MappingKernelManager.cull_interval=2",
+    ]
     base = f"http://127.0.0.1:{port}"
-    with background_server(cmd, tiny_project, env, tiny_project / "voila-chaos.log",
-                           lambda: answers_ok(base + "/voila/static/voila.js"), 180) as proc:
+    with background_server(
+        cmd,
+        tiny_project,
+        env,
+        tiny_project / "voila-chaos.log",
+        lambda: answers_ok(base + "/voila/static/voila.js"),
+        180,
+    ) as proc:
         yield dict(base=base, proc=proc)
 
 
@@ -330,7 +412,7 @@ def test_twenty_dashboard_visitors_at_once(dashboard):
     assert all("dg-header" in text or "kernelId" in text for status, text in pages if status == 200)
     running = kernels(dashboard["proc"].pid)
     assert len(running) <= MAX_KERNELS
-    sizes = [p.memory_info().rss for p in running]      # each has rendered the dashboard: model loaded
+    sizes = [p.memory_info().rss for p in running]  # each has rendered the dashboard: model loaded
     print(f"dashboard: {len(running)} kernels, RSS {[round(s / 1e6) for s in sizes]} MB")
     assert max(sizes) < KERNEL_RSS_BOUND, sizes
     # the visitors went away: idle kernels are culled, and the next visitor gets the dashboard
@@ -341,20 +423,40 @@ def test_twenty_dashboard_visitors_at_once(dashboard):
     assert get(dashboard["base"] + "/")[0] == 200
 
 
-@pytest.mark.parametrize("method, path", [
-    ("GET", "/api/contents"), ("GET", "/api/contents/params.yaml"), ("GET", "/files/params.yaml"),
-    ("GET", "/voila/files/params.yaml"), ("GET", "/tree"), ("GET", "/voila/tree"), ("GET", "/lab"),
-    ("GET", "/api/terminals"), ("POST", "/api/terminals"), ("GET", "/terminals/1"), ("GET", "/api/kernels"),
-    ("POST", "/api/kernels"), ("GET", "/api/sessions"), ("POST", "/api/sessions"), ("GET", "/api/kernelspecs"),
-    ("GET", "/notebooks/app/dashboard.ipynb"), ("GET", "/voila/render/app/dashboard.ipynb"),
-    ("GET", "/voila/api/contents/"),
-])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/api/contents"),
+        ("GET", "/api/contents/params.yaml"),
+        ("GET", "/files/params.yaml"),
+        ("GET", "/voila/files/params.yaml"),
+        ("GET", "/tree"),
+        ("GET", "/voila/tree"),
+        ("GET", "/lab"),
+        ("GET", "/api/terminals"),
+        ("POST", "/api/terminals"),
+        ("GET", "/terminals/1"),
+        ("GET", "/api/kernels"),
+        ("POST", "/api/kernels"),
+        ("GET", "/api/sessions"),
+        ("POST", "/api/sessions"),
+        ("GET", "/api/kernelspecs"),
+        ("GET", "/notebooks/app/dashboard.ipynb"),
+        ("GET", "/voila/render/app/dashboard.ipynb"),
+        ("GET", "/voila/api/contents/"),
+    ],
+)
 def test_a_visitor_reaches_no_terminal_files_or_kernels(dashboard, method, path):
-    "Only the rendered page, its own kernel's channel and static files: everything else is refused or a redirect to a refusal."
-    request = urllib.request.Request(dashboard["base"] + path, method=method, data=b"{}" if method == "POST" else None,
-                                     headers={"Content-Type": "application/json"})
+    """Only the rendered page, its own kernel's channel and static files: everything else is refused or a redirect to a
+    refusal."""
+    request = urllib.request.Request(
+        dashboard["base"] + path,
+        method=method,
+        data=b"{}" if method == "POST" else None,
+        headers={"Content-Type": "application/json"},
+    )
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:     # redirects are followed
+        with urllib.request.urlopen(request, timeout=60) as response:  # redirects are followed
             status, text = response.status, response.read().decode(errors="replace")
     except urllib.error.HTTPError as err:
         status, text = err.code, ""

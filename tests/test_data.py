@@ -54,27 +54,42 @@ def test_genimage_layout(tmp_path):
 
 
 def test_140k_layout(tmp_path):
-    files = {f"real_vs_fake/real-vs-fake/{split}/{label}/{i}.jpg": png_bytes(Image.new("RGB", (32, 32), (i * 9, 0, 0)), "JPEG")
-             for split in ("train", "valid", "test") for label in ("real", "fake") for i in range(3)}
+    files = {
+        f"real_vs_fake/real-vs-fake/{split}/{label}/{i}.jpg": png_bytes(
+            Image.new("RGB", (32, 32), (i * 9, 0, 0)), "JPEG"
+        )
+        for split in ("train", "valid", "test")
+        for label in ("real", "fake")
+        for i in range(3)
+    }
     manifest, _ = import_dataset(write_tree(tmp_path / "k140", files), "140k", tmp_path / "out")
-    assert manifest.groupby(["split", "label"]).size().to_dict() == {(s, l): 3 for s in ("train", "val", "test") for l in ("real", "fake")}
+    assert manifest.groupby(["split", "label"]).size().to_dict() == {
+        (s, l): 3 for s in ("train", "val", "test") for l in ("real", "fake")
+    }
     assert set(manifest.generator) == {"stylegan", "ffhq"}
 
 
 def test_cifake_layout_and_sampling(tmp_path):
-    files = {f"{split}/{sub}/{i:03d}.png": rgb(i + (1000 if sub == "FAKE" else 0))
-             for split in ("train", "test") for sub in ("REAL", "FAKE") for i in range(10)}
+    files = {
+        f"{split}/{sub}/{i:03d}.png": rgb(i + (1000 if sub == "FAKE" else 0))
+        for split in ("train", "test")
+        for sub in ("REAL", "FAKE")
+        for i in range(10)
+    }
     root = write_tree(tmp_path / "cifake", files)
     manifest, _ = import_dataset(root, "cifake", tmp_path / "out", sample_size=5, seed=3)
     assert manifest.label.value_counts().to_dict() == {"fake": 5, "real": 5}
     again, _ = import_dataset(root, "cifake", tmp_path / "out2", sample_size=5, seed=3)
-    assert manifest.source.tolist() == again.source.tolist()       # deterministic
+    assert manifest.source.tolist() == again.source.tolist()  # deterministic
     other, _ = import_dataset(root, "cifake", tmp_path / "out3", sample_size=5, seed=4)
-    assert set(other.source) != set(manifest.source)               # and the seed matters
+    assert set(other.source) != set(manifest.source)  # and the seed matters
 
 
 def test_sampling_is_independent_of_listing_order(tmp_path):
-    records = [dict(file=tmp_path / f"x{i}.png", label="real" if i % 2 else "fake", generator="g", split=None) for i in range(40)]
+    records = [
+        dict(file=tmp_path / f"x{i}.png", label="real" if i % 2 else "fake", generator="g", split=None)
+        for i in range(40)
+    ]
     forward = sample_per_class(iter(records), 4, 0, tmp_path)
     backward = sample_per_class(iter([dict(r) for r in reversed(records)]), 4, 0, tmp_path)
     assert [r["rel"] for r in forward] == [r["rel"] for r in backward] and len(forward) == 8
@@ -95,8 +110,16 @@ def test_ingest_stage_on_a_real_dataset_folder(tmp_path):
     files["fake/broken.png"] = b""
     root = write_tree(tmp_path / "ds", files)
     out = tmp_path / "raw"
-    proc = papermill("nbs/01_ingest.ipynb", tmp_path / "out.ipynb", ROOT, dataset="generic", data_path=root, out_dir=out,
-                     val_frac=0.25, test_frac=0.25)
+    proc = papermill(
+        "nbs/01_ingest.ipynb",
+        tmp_path / "out.ipynb",
+        ROOT,
+        dataset="generic",
+        data_path=root,
+        out_dir=out,
+        val_frac=0.25,
+        test_frac=0.25,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     manifest = pd.read_csv(out / "manifest.csv")
     quarantine = pd.read_csv(out / "quarantine.csv")

@@ -22,7 +22,9 @@ def objects() -> dict:
 
 
 def validate(paths) -> str:
-    result = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", *map(str, paths)], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", *map(str, paths)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr
 
@@ -39,7 +41,9 @@ def test_a_strict_validation_failure_is_caught(tmp_path):
     bad = documents(K8S / "deployment.yaml")[0]
     bad["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGett"] = {"path": "/"}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    result = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", str(tmp_path / "bad.yaml")], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", str(tmp_path / "bad.yaml")], capture_output=True, text=True
+    )
     assert result.returncode != 0
 
 
@@ -50,15 +54,21 @@ def test_kserve_inference_services(tmp_path):
     for isvc in services:
         predictor = isvc["spec"]["predictor"]
         assert predictor["minReplicas"] >= 2
-        if "model" in predictor:        # KServe's MLflow runtime (MLServer + mlserver-mlflow, V2)
+        if "model" in predictor:  # KServe's MLflow runtime (MLServer + mlserver-mlflow, V2)
             model = predictor["model"]
             assert model["modelFormat"]["name"] == "mlflow" and model["protocolVersion"] == "v2"
             assert model["storageUri"].startswith(("s3://", "gs://", "pvc://", "https://"))
             containers = [{"name": "kserve-container", "image": "kserve/mlserver", "resources": model["resources"]}]
         else:
             containers = predictor["containers"]
-        pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": isvc["metadata"]["name"]},
-                     "spec": {"containers": containers}})
+        pods.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": isvc["metadata"]["name"]},
+                "spec": {"containers": containers},
+            }
+        )
     (tmp_path / "pods.yaml").write_text(yaml.safe_dump_all(pods))
     validate([tmp_path / "pods.yaml"])
 
@@ -75,7 +85,9 @@ def test_objects_are_wired_together():
     assert template["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"].startswith("/v2/health/")
-    assert template["spec"]["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    assert (
+        template["spec"]["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    )
     assert container["args"][:1] == ["serve"] and "/app/model" in container["args"]
     for name in ("deepguard", "deepguard-metrics"):
         service = obj[("Service", name)]
@@ -98,5 +110,5 @@ def test_memory_covers_the_measured_server():
     container = objects()[("Deployment", "deepguard")]["spec"]["template"]["spec"]["containers"][0]
     request, limit = (mebibytes(container["resources"][k]["memory"]) for k in ("requests", "limits"))
     assert peak <= request <= limit and limit >= 1.3 * peak, (peak, request, limit)
-    hostile = bench["adversarial"]            # the hostile mix (big images, many rows, bombs, oversize bodies)
+    hostile = bench["adversarial"]  # the hostile mix (big images, many rows, bombs, oversize bodies)
     assert hostile["peak_rss_mib"] < limit and not hostile["unexpected"], hostile

@@ -53,15 +53,26 @@ def test_answering_paths_import_no_tensorflow(tiny_project):
 def test_model_server_maps_no_tensorflow(model_server, tiny_project):
     "The running server and its inference workers: no TensorFlow library in their address space, and they answer."
     from deepguard.images import encode_image_b64
-    status, body = post(model_server["base"] + "/invocations",
-                        {"dataframe_split": {"columns": ["image"], "data": [[encode_image_b64(_first_image(tiny_project).read_bytes())]]}})
+    status, body = post(
+        model_server["base"] + "/invocations",
+        {
+            "dataframe_split": {
+                "columns": ["image"],
+                "data": [[encode_image_b64(_first_image(tiny_project).read_bytes())]],
+            }
+        },
+    )
     assert status == 200, body
     server = psutil.Process(model_server["proc"].pid)
     processes = [server] + server.children(recursive=True)
     assert len(processes) >= 2, "no inference worker found"
-    for p in processes:     # TensorFlow's and torch's own libraries (OpenVINO's TF frontend plugin is OpenVINO's)
+    for p in processes:  # TensorFlow's and torch's own libraries (OpenVINO's TF frontend plugin is OpenVINO's)
         mapped = {line.split()[-1] for line in Path(f"/proc/{p.pid}/maps").read_text().splitlines() if "/" in line}
-        heavy = [m for m in mapped if "/site-packages/tensorflow/" in m or "libtensorflow" in m or "/site-packages/torch/" in m]
+        heavy = [
+            m
+            for m in mapped
+            if "/site-packages/tensorflow/" in m or "libtensorflow" in m or "/site-packages/torch/" in m
+        ]
         assert heavy == [], (p.pid, p.cmdline()[:3], heavy[:3])
 
 
@@ -69,13 +80,21 @@ def test_tensorflow_reference_gives_the_same_answers(tiny_project):
     "DEEPGUARD_RUNTIME=tensorflow (the `mtcnn` package and the Keras graph): |dP(fake)| <= 1e-4, same labels and boxes."
     raw = tiny_project / "data" / "raw"
     files = [str(raw / p) for p in pd.read_csv(raw / "manifest.csv", keep_default_na=False).path]
-    script = ("import json, sys; from deepguard.predict import classify; "
-              "print(json.dumps([[a.probability_fake, a.label, list(a.face_box)] for a in classify(sys.argv[2:], model=sys.argv[1])]))")
+    script = (
+        "import json, sys; from deepguard.predict import classify; "
+        "print(json.dumps([[a.probability_fake, a.label, list(a.face_box)] for a in classify(sys.argv[2:], "
+        "model=sys.argv[1])]))"
+    )
     answers = {}
     for runtime in ("openvino", "tensorflow"):
         env = {**os.environ, "DEEPGUARD_RUNTIME": runtime}
-        proc = subprocess.run([sys.executable, "-c", script, str(tiny_project / "models" / "detector.keras"), *files],
-                              capture_output=True, text=True, env=env, cwd=tiny_project)
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(tiny_project / "models" / "detector.keras"), *files],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tiny_project,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         answers[runtime] = json.loads(proc.stdout.strip().splitlines()[-1])
     ov, tf = answers["openvino"], answers["tensorflow"]

@@ -23,7 +23,9 @@ MONITORING = ROOT / "deploy" / "monitoring"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 if not (PROMETHEUS and PROMTOOL):
     if os.environ.get("DEEPGUARD_REQUIRE_PROMETHEUS"):
-        raise RuntimeError("DEEPGUARD_REQUIRE_PROMETHEUS is set but prometheus/promtool are not installed (apt-get install prometheus)")
+        raise RuntimeError(
+            "DEEPGUARD_REQUIRE_PROMETHEUS is set but prometheus/promtool are not installed (apt-get install prometheus)"
+        )
     pytest.skip("prometheus and promtool not installed (apt-get install prometheus)", allow_module_level=True)
 
 # Grafana's own variables, as Grafana would fill them for a short time range
@@ -47,7 +49,9 @@ def test_alert_rules_unit_tests():
 
 def test_drift_reference_is_the_pipelines_held_out_fake_rate():
     rules = yaml.safe_load((MONITORING / "rules" / "deepguard.yml").read_text())
-    expr = next(r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("record") == "deepguard:reference_fake_rate")
+    expr = next(
+        r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("record") == "deepguard:reference_fake_rate"
+    )
     confusion = json.loads((ROOT / "reports" / "metrics.json").read_text())["cnn"]["confusion"]
     rate = (confusion["tp"] + confusion["fp"]) / sum(confusion.values())
     assert expr == f"vector({rate:.4f})", f"update deepguard:reference_fake_rate to vector({rate:.4f})"
@@ -89,8 +93,12 @@ def prometheus(model_server, tmp_path_factory):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     ready = lambda: answers_ok(base + "/-/ready")
-    cmd = [PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-           f"--web.listen-address=127.0.0.1:{port}"]
+    cmd = [
+        PROMETHEUS,
+        f"--config.file={folder / 'prometheus.yml'}",
+        f"--storage.tsdb.path={folder / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
     with background_server(cmd, folder, dict(os.environ), folder / "prometheus.log", ready, 60):
         yield base
 
@@ -99,19 +107,34 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(prometheus, m
     images = sorted((tiny_project / "data" / "raw" / "images").rglob("*.jpg"))[:8]
     good = json.dumps({"inputs": {"image": [base64.b64encode(p.read_bytes()).decode() for p in images[:2]]}}).encode()
     bad = json.dumps({"inputs": {"image": [base64.b64encode(b"not an image").decode()]}}).encode()
-    v2 = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"content_type": "base64"},
-                                 "data": [base64.b64encode(images[3].read_bytes()).decode()]}]}).encode()
+    v2 = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"content_type": "base64"},
+                    "data": [base64.b64encode(images[3].read_bytes()).decode()],
+                }
+            ]
+        }
+    ).encode()
     stop = threading.Event()
-    def traffic():                      # good, bad and V2 requests until the checks are done (bounded: 90 s)
+
+    def traffic():  # good, bad and V2 requests until the checks are done (bounded: 90 s)
         deadline = time.monotonic() + 90
         while not stop.is_set() and time.monotonic() < deadline:
             for path, body in (("/invocations", good), ("/invocations", bad), ("/v2/models/deepguard/infer", v2)):
-                request = urllib.request.Request(model_server["base"] + path, data=body, headers={"Content-Type": "application/json"})
+                request = urllib.request.Request(
+                    model_server["base"] + path, data=body, headers={"Content-Type": "application/json"}
+                )
                 try:
                     urllib.request.urlopen(request, timeout=30).read()
                 except urllib.error.HTTPError as err:
                     err.read()
             time.sleep(0.2)
+
     worker = threading.Thread(target=traffic, daemon=True)
     worker.start()
     queries = dashboard_queries()
@@ -134,6 +157,8 @@ def test_rules_load_and_evaluate_and_nothing_fires_on_a_healthy_server(prometheu
     with urllib.request.urlopen(prometheus + "/api/v1/rules", timeout=10) as response:
         groups = json.loads(response.read())["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == 11 and all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+    assert len(rules) == 11 and all(r["health"] == "ok" for r in rules), [
+        (r["name"], r.get("lastError")) for r in rules
+    ]
     firing = [r["name"] for r in rules if r["type"] == "alerting" and r["state"] == "firing"]
     assert "DeepGuardDown" not in firing and "DeepGuardServerErrors" not in firing

@@ -66,7 +66,9 @@ def runs(tiny_project, tmp_path_factory):
     finish(procs)
     for log in logs:
         log.close()
-    assert all(p.returncode == 0 for p in procs), "\n".join((work / f"worker{i}.log").read_text()[-3000:] for i in range(2))
+    assert all(p.returncode == 0 for p in procs), "\n".join(
+        (work / f"worker{i}.log").read_text()[-3000:] for i in range(2)
+    )
     with open(work / "single.log", "w") as log:
         single = train(tiny_project, processed, work / "single", None, log)
         finish([single])
@@ -77,6 +79,7 @@ def runs(tiny_project, tmp_path_factory):
 def probabilities(model_path, crops):
     import keras
     import tensorflow as tf
+
     model = keras.saving.load_model(model_path, safe_mode=True)
     return tf.sigmoid(model(crops, training=False)).numpy().ravel()
 
@@ -84,25 +87,30 @@ def probabilities(model_path, crops):
 def test_two_workers_train_like_one(runs):
     "Two workers (8 + 8 images per step, gradients all-reduced) give the one-worker model within TOLERANCE."
     manifest = pd.read_csv(runs["processed"] / "manifest.csv", keep_default_na=False)
-    crops = np.stack([np.asarray(Image.open(runs["processed"] / p).convert("RGB"), np.float32)
-                      for p in manifest[manifest.split == "val"].path])
+    crops = np.stack(
+        [
+            np.asarray(Image.open(runs["processed"] / p).convert("RGB"), np.float32)
+            for p in manifest[manifest.split == "val"].path
+        ]
+    )
     two = probabilities(runs["cluster"] / "detector.keras", crops)
     one = probabilities(runs["single"] / "detector.keras", crops)
     assert np.abs(two - one).max() <= TOLERANCE, np.abs(two - one).max()
     history = [pd.read_csv(runs[k] / "history.csv") for k in ("cluster", "single")]
     assert len(history[0]) == len(history[1]) == PARAMS["epochs"]
     assert np.allclose(history[0].loss, history[1].loss, atol=1e-5), (history[0].loss, history[1].loss)
-    assert history[0].val_loss.iloc[-1] < history[0].val_loss.iloc[0]      # it trained
+    assert history[0].val_loss.iloc[-1] < history[0].val_loss.iloc[0]  # it trained
 
 
 def test_only_the_chief_writes(runs):
     "Worker 0 wrote the model and the one MLflow run (tagged with the strategy and 2 replicas); worker 1 nothing."
     from mlflow import MlflowClient
+
     produced = sorted(p.name for p in runs["cluster"].iterdir())
     assert {"detector.keras", "detector.json", "history.csv", "figures"} <= set(produced)
     client = MlflowClient(f"sqlite:///{runs['db']}")
     experiment = client.get_experiment_by_name("deepguard")
     tagged = [r.data.tags for r in client.search_runs([experiment.experiment_id])]
-    cluster_runs = [t for t in tagged if t.get("replicas") == "2"]      # MultiWorkerMirroredStrategy's class name
+    cluster_runs = [t for t in tagged if t.get("replicas") == "2"]  # MultiWorkerMirroredStrategy's class name
     assert len(cluster_runs) == 1 and cluster_runs[0]["strategy"] == "CollectiveAllReduceStrategy", tagged
-    assert client.get_experiment_by_name("worker") is None           # the other worker's run stayed in its scratch
+    assert client.get_experiment_by_name("worker") is None  # the other worker's run stayed in its scratch

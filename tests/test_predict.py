@@ -37,7 +37,9 @@ def test_input_types_agree(model_path, tiny_project):
 def test_batch_matches_single_calls(model_path, tiny_project):
     files = sorted((tiny_project / "data" / "processed" / "images" / "test" / "real").iterdir())[:3]
     batch = classify(files, model=model_path)
-    assert [round(b.probability_fake, 5) for b in batch] == [round(classify(f, model=model_path).probability_fake, 5) for f in files]
+    assert [round(b.probability_fake, 5) for b in batch] == [
+        round(classify(f, model=model_path).probability_fake, 5) for f in files
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(ODD_BUT_VALID))
@@ -55,8 +57,10 @@ def test_bad_input_raises_invalid_image_error(model_path, name):
     assert isinstance(err.value, ValueError)
 
 
-@pytest.mark.parametrize("bad, reason", [(Path("/no/such/image.png"), "missing"), (12345, "unsupported_type"),
-                                         (np.zeros((8, 8), np.float32), "bad_array")])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [(Path("/no/such/image.png"), "missing"), (12345, "unsupported_type"), (np.zeros((8, 8), np.float32), "bad_array")],
+)
 def test_bad_input_objects(model_path, bad, reason):
     with pytest.raises(InvalidImageError) as err:
         classify(bad, model=model_path)
@@ -73,16 +77,17 @@ def test_result_names_model_and_face(model_path, tiny_project):
     answer = classify(GOOD_PNG, model=model_path)
     run_id = json.loads((tiny_project / "models" / "detector.json").read_text())["mlflow_run_id"]
     assert (answer.model_name, answer.model_version) == ("detector.keras", "run-" + run_id[:8])
-    assert (answer.face_found, answer.face_box) == (False, (0, 0, 64))   # a flat colour: no face, the centred square
+    assert (answer.face_found, answer.face_box) == (False, (0, 0, 64))  # a flat colour: no face, the centred square
 
 
 def test_face_chain_on_a_photo_and_no_face(model_path):
     from skimage import data
-    photo = data.astronaut()                                   # one clear face, in the upper middle
+
+    photo = data.astronaut()  # one clear face, in the upper middle
     found = classify(photo, model=model_path)
     left, top, side = found.face_box
     assert found.face_found and 100 < side < 300 and left > 50 and top < 200
-    wide = np.zeros((100, 300, 3), np.uint8)                   # no face: the centred square, said so
+    wide = np.zeros((100, 300, 3), np.uint8)  # no face: the centred square, said so
     assert classify(wide, model=model_path).face_box == (100, 0, 100)
 
 
@@ -91,13 +96,19 @@ def test_training_and_serving_see_the_same_pixels(model_path, tiny_project):
     import tensorflow as tf
     from deepguard.faces import prepare_faces
     from deepguard.predict import load_detector
+
     processed = tiny_project / "data" / "processed"
     rows = pd.read_csv(processed / "manifest.csv", keep_default_na=False).head(4)
     detector = load_detector(str(model_path))
-    served, _ = prepare_faces([load_image(tiny_project / "data" / "raw" / p) for p in rows.raw_path],
-                              detector.metadata["processing"])
-    stored = np.stack([tf.io.decode_jpeg(tf.io.read_file(str(processed / p)), channels=3,
-                                         dct_method="INTEGER_ACCURATE").numpy() for p in rows.path]).astype(np.float32)
+    served, _ = prepare_faces(
+        [load_image(tiny_project / "data" / "raw" / p) for p in rows.raw_path], detector.metadata["processing"]
+    )
+    stored = np.stack(
+        [
+            tf.io.decode_jpeg(tf.io.read_file(str(processed / p)), channels=3, dct_method="INTEGER_ACCURATE").numpy()
+            for p in rows.path
+        ]
+    ).astype(np.float32)
     assert np.array_equal(served, stored)
     probs = [classify(tiny_project / "data" / "raw" / p, model=model_path).probability_fake for p in rows.raw_path]
     assert np.allclose(probs, detector.probabilities(stored), atol=1e-6)
@@ -118,6 +129,7 @@ def test_a_model_with_an_incomplete_face_chain_record_is_refused(model_path, tmp
     "A model whose metadata lacks a face-chain setting is refused with what to do, not served with today's default."
     import shutil
     from deepguard.core import ParamsError
+
     for name in ("detector.keras", "detector.json", "detector.xml", "detector.bin", "threshold.json"):
         shutil.copy(model_path.parent / name, tmp_path / name)
     meta = json.loads((tmp_path / "detector.json").read_text())
@@ -129,6 +141,7 @@ def test_a_model_with_an_incomplete_face_chain_record_is_refused(model_path, tmp
 
 def test_registry_fallback_matches_local_model(model_path, tiny_project, monkeypatch):
     import deepguard.predict as predict
+
     monkeypatch.setenv("DEEPGUARD_ROOT", str(tiny_project))
     monkeypatch.delenv("DEEPGUARD_MODEL", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -145,6 +158,7 @@ def test_registry_fallback_matches_local_model(model_path, tiny_project, monkeyp
 
 def test_missing_registry_model_is_a_clear_error(tiny_project, monkeypatch):
     from deepguard.core import DeepGuardError
+
     monkeypatch.setenv("DEEPGUARD_ROOT", str(tiny_project))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(DeepGuardError, match="Could not load models:/no-such-model@champion"):
@@ -165,13 +179,17 @@ def test_cli_table_json_and_exit_codes(model_path, tiny_project, tmp_path):
     table = deepguard_cli("classify", folder, "--model", model_path, cwd=tiny_project)
     assert table.returncode == 0, table.stderr
     rows = [line for line in table.stdout.splitlines() if line.split()[0] in ("REAL", "FAKE")]
-    assert len(rows) == 2                                       # not recursive: the sub-folder is left out
-    lines = deepguard_cli("classify", folder, "-r", "--json", "--threshold", "0.0", "--model", model_path, cwd=tiny_project)
+    assert len(rows) == 2  # not recursive: the sub-folder is left out
+    lines = deepguard_cli(
+        "classify", folder, "-r", "--json", "--threshold", "0.0", "--model", model_path, cwd=tiny_project
+    )
     records = [json.loads(line) for line in lines.stdout.splitlines()]
     assert lines.returncode == 0 and len(records) == 3
     assert {r["label"] for r in records} == {"FAKE"} and {r["threshold"] for r in records} == {0.0}
     expected = {p.name: classify(p, model=model_path).probability_fake for p in good}
-    assert {Path(r["path"]).name: round(r["probability_fake"], 5) for r in records} == {k: round(v, 5) for k, v in expected.items()}
+    assert {Path(r["path"]).name: round(r["probability_fake"], 5) for r in records} == {
+        k: round(v, 5) for k, v in expected.items()
+    }
 
 
 def test_cli_reports_and_skips_every_kind_of_bad_file(model_path, tiny_project, tmp_path):
@@ -180,7 +198,7 @@ def test_cli_reports_and_skips_every_kind_of_bad_file(model_path, tiny_project, 
     for name, (content, _) in ALL_BAD_FILES.items():
         (folder / name).write_bytes(content)
     (folder / "good.png").write_bytes(GOOD_PNG)
-    os.mkfifo(folder / "pipe.jpg")                      # named like an image: refused, never opened (it would block)
+    os.mkfifo(folder / "pipe.jpg")  # named like an image: refused, never opened (it would block)
     files = sorted(p for p in folder.iterdir())
     proc = deepguard_cli("classify", *files, "--json", "--model", model_path, cwd=tiny_project)
     assert proc.returncode == 1
@@ -193,23 +211,38 @@ def test_cli_reports_and_skips_every_kind_of_bad_file(model_path, tiny_project, 
 
 
 def test_cli_usage_errors(model_path, tiny_project, tmp_path):
-    assert deepguard_cli("classify", tmp_path, "--threshold", "1.5", "--model", model_path, cwd=tiny_project).returncode == 2
-    empty = tmp_path / "empty"; empty.mkdir()
+    assert (
+        deepguard_cli("classify", tmp_path, "--threshold", "1.5", "--model", model_path, cwd=tiny_project).returncode
+        == 2
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
     assert deepguard_cli("classify", empty, "--model", model_path, cwd=tiny_project).returncode == 1
     (tmp_path / "good.png").write_bytes(GOOD_PNG)
-    missing_model = deepguard_cli("classify", tmp_path / "good.png", "--model", tmp_path / "nope.keras", cwd=tiny_project)
+    missing_model = deepguard_cli(
+        "classify", tmp_path / "good.png", "--model", tmp_path / "nope.keras", cwd=tiny_project
+    )
     assert missing_model.returncode == 2 and "No model at" in missing_model.stderr
     assert deepguard_cli("frobnicate", cwd=tiny_project).returncode == 2
-    gone = deepguard_cli("classify", tmp_path / "good.png", tmp_path / "gone.jpg", "--model", model_path, cwd=tiny_project)
+    gone = deepguard_cli(
+        "classify", tmp_path / "good.png", tmp_path / "gone.jpg", "--model", model_path, cwd=tiny_project
+    )
     assert gone.returncode == 2 and "no such file or folder" in gone.stderr and "gone.jpg" in gone.stderr
 
 
 def test_cli_never_prints_registry_credentials(tmp_path):
     "An unreachable tracking server whose URI holds a password: exit 2, a message, and the password nowhere."
     (tmp_path / "good.png").write_bytes(GOOD_PNG)
-    env = {"MLFLOW_TRACKING_URI": "http://ann:s3cret-pw@127.0.0.1:9", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    proc = run(["deepguard", "classify", str(tmp_path / "good.png"), "--model", "models:/x@champion"], tmp_path,
-               check=False, env=env)
+    env = {
+        "MLFLOW_TRACKING_URI": "http://ann:s3cret-pw@127.0.0.1:9",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
+    proc = run(
+        ["deepguard", "classify", str(tmp_path / "good.png"), "--model", "models:/x@champion"],
+        tmp_path,
+        check=False,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "s3cret-pw" not in proc.stdout + proc.stderr and "***@127.0.0.1" in proc.stderr, proc.stderr[-2000:]

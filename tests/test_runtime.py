@@ -85,10 +85,11 @@ def test_v2_predict_holds_at_most_the_pixel_budget_per_model_call(runtime):
 
 
 def test_invocations_body_is_decoded_once_and_scored(runtime):
-    body = json.dumps({"dataframe_split": {"columns": ["image"],
-                                           "data": [[base64.b64encode(image(r)).decode()] for r in (200, 20)]}}).encode()
+    body = json.dumps(
+        {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image(r)).decode()] for r in (200, 20)]}}
+    ).encode()
     result = runtime._check_and_score(body, "application/json")
-    assert list(result["label"]) == ["FAKE", "REAL"] and len(runtime.detector.calls) == 2   # warm-up + this call
+    assert list(result["label"]) == ["FAKE", "REAL"] and len(runtime.detector.calls) == 2  # warm-up + this call
 
 
 def test_invocations_body_with_a_bad_row_is_refused_naming_it(runtime):
@@ -96,7 +97,7 @@ def test_invocations_body_with_a_bad_row_is_refused_naming_it(runtime):
     with pytest.raises(RequestError) as err:
         runtime._check_and_score(body, "application/json")
     assert err.value.status == 400 and "row 1" in str(err.value.body())
-    assert len(runtime.detector.calls) == 1     # the warm-up only: nothing scored before every row was checked
+    assert len(runtime.detector.calls) == 1  # the warm-up only: nothing scored before every row was checked
 
 
 def test_pyfunc_predict_matches_the_runtime(runtime):

@@ -47,12 +47,16 @@ def test_files(tiny_project):
 
 
 def test_invocations_match_classify(server, tiny_project, test_files):
-    status, body = post(server["base"] + "/invocations",
-                        {"dataframe_split": {"columns": ["image"], "data": [[b64(p.read_bytes())] for p in test_files]}})
+    status, body = post(
+        server["base"] + "/invocations",
+        {"dataframe_split": {"columns": ["image"], "data": [[b64(p.read_bytes())] for p in test_files]}},
+    )
     assert status == 200, body
-    local = classify(test_files, model=tiny_project / "models" / "detector.keras")   # the champion's files
+    local = classify(test_files, model=tiny_project / "models" / "detector.keras")  # the champion's files
     assert [row["label"] for row in body["predictions"]] == [r.label for r in local]
-    assert [row["probability_fake"] for row in body["predictions"]] == pytest.approx([r.probability_fake for r in local], abs=1e-6)
+    assert [row["probability_fake"] for row in body["predictions"]] == pytest.approx(
+        [r.probability_fake for r in local], abs=1e-6
+    )
     assert [row["face_found"] for row in body["predictions"]] == [r.face_found for r in local]
     # the calibrated scale: the served label is FAKE exactly when P(fake) >= 0.5
     assert all((row["label"] == "FAKE") == (row["probability_fake"] >= 0.5) for row in body["predictions"])
@@ -60,14 +64,30 @@ def test_invocations_match_classify(server, tiny_project, test_files):
 
 def test_every_mlflow_request_format_and_v2_agree(server, test_files):
     texts = [b64(p.read_bytes()) for p in test_files[:3]]
-    answers = [post(server["base"] + "/invocations", body)[1]["predictions"] for body in (
-        {"dataframe_split": {"columns": ["image"], "data": [[t] for t in texts]}},
-        {"dataframe_records": [{"image": t} for t in texts]},
-        {"instances": [{"image": t} for t in texts]},
-        {"inputs": {"image": texts}})]
+    answers = [
+        post(server["base"] + "/invocations", body)[1]["predictions"]
+        for body in (
+            {"dataframe_split": {"columns": ["image"], "data": [[t] for t in texts]}},
+            {"dataframe_records": [{"image": t} for t in texts]},
+            {"instances": [{"image": t} for t in texts]},
+            {"inputs": {"image": texts}},
+        )
+    ]
     assert all(a == answers[0] for a in answers)
-    status, v2 = post(server["base"] + "/v2/models/deepguard/infer", {"inputs": [
-        {"name": "image", "datatype": "BYTES", "shape": [3], "data": texts, "parameters": {"content_type": "base64"}}]})
+    status, v2 = post(
+        server["base"] + "/v2/models/deepguard/infer",
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [3],
+                    "data": texts,
+                    "parameters": {"content_type": "base64"},
+                }
+            ]
+        },
+    )
     assert status == 200, v2
     outputs = {o["name"]: o["data"] for o in v2["outputs"]}
     assert outputs["probability_fake"] == pytest.approx([a["probability_fake"] for a in answers[0]], abs=1e-9)
@@ -77,7 +97,10 @@ def test_every_mlflow_request_format_and_v2_agree(server, test_files):
 def test_metrics_move(server, test_files):
     before = metrics(server["metrics"])
     assert total(before, "deepguard_model_info", model_name="deepguard-detector-test") == 1
-    assert post(server["base"] + "/invocations", {"inputs": {"image": [b64(p.read_bytes()) for p in test_files[:2]]}})[0] == 200
+    assert (
+        post(server["base"] + "/invocations", {"inputs": {"image": [b64(p.read_bytes()) for p in test_files[:2]]}})[0]
+        == 200
+    )
     assert post(server["base"] + "/invocations", {"inputs": {"image": [b64(b"not an image")]}})[0] == 400
     after = metrics(server["metrics"])
     grew = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)
@@ -88,9 +111,9 @@ def test_metrics_move(server, test_files):
     assert grew("deepguard_predictions_total") == 2
     assert grew("deepguard_probability_fake_count") == 2 and grew("deepguard_batch_size_sum") == 2
     runtime = [k for k in after if k.split("{")[0] in ("deepguard_predictions_total", "deepguard_model_info")]
-    assert runtime and all('model_version="' in key for key in runtime)          # the runtime's: per model version
+    assert runtime and all('model_version="' in key for key in runtime)  # the runtime's: per model version
     front = [k for k in after if k.split("{")[0] == "deepguard_requests_total"]
-    assert front and all('route="' in key for key in front)                    # the front door's: per route
+    assert front and all('route="' in key for key in front)  # the front door's: per route
     assert grew("deepguard_requests_total", route="v2_infer") == 0
 
 
@@ -120,8 +143,11 @@ def test_limits_on_both_routes(server, path):
     status, body = post(server["base"] + path, b'{"inputs": ' + b"[" * 1000 + b"]" * 1000 + b"}")
     assert status == 400 and body["reason"] == "too_deep", body
     tiny = b64(b"x")
-    many = ({"inputs": {"image": [tiny] * 65}} if path == "/invocations" else
-            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [65], "data": [tiny] * 65}]})
+    many = (
+        {"inputs": {"image": [tiny] * 65}}
+        if path == "/invocations"
+        else {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [65], "data": [tiny] * 65}]}
+    )
     status, body = post(server["base"] + path, many)
     assert status == 413 and body["reason"] == "too_many_images", body
 
@@ -129,8 +155,10 @@ def test_limits_on_both_routes(server, path):
 @pytest.mark.parametrize("name", sorted(ALL_BAD_FILES))
 def test_bad_image_is_a_400_naming_row_and_reason(server, name, test_files):
     content, reason = ALL_BAD_FILES[name]
-    status, body = post(server["base"] + "/invocations",
-                        {"dataframe_records": [{"image": b64(test_files[0].read_bytes())}, {"image": b64(content)}]})
+    status, body = post(
+        server["base"] + "/invocations",
+        {"dataframe_records": [{"image": b64(test_files[0].read_bytes())}, {"image": b64(content)}]},
+    )
     assert status == 400 and body["message"].startswith("row 1:") and body["reason"] == reason, body
 
 
@@ -140,13 +168,16 @@ def test_odd_but_valid_images_are_answered(server, name):
     assert status == 200 and 0 <= body["predictions"][0]["probability_fake"] <= 1, body
 
 
-@pytest.mark.parametrize("body, content_type, reason", [
-    ({"dataframe_records": [{"image": "%%% not base64 %%%"}]}, "application/json", "not_base64"),
-    (b"{not json", "application/json", "bad_json"),
-    ({"columns": ["image"]}, "application/json", "bad_json"),
-    ({"inputs": {"image": []}}, "application/json", "empty_request"),
-    (b"image\nabc\n", "text/csv", "content_type"),
-])
+@pytest.mark.parametrize(
+    "body, content_type, reason",
+    [
+        ({"dataframe_records": [{"image": "%%% not base64 %%%"}]}, "application/json", "not_base64"),
+        (b"{not json", "application/json", "bad_json"),
+        ({"columns": ["image"]}, "application/json", "bad_json"),
+        ({"inputs": {"image": []}}, "application/json", "empty_request"),
+        (b"image\nabc\n", "text/csv", "content_type"),
+    ],
+)
 def test_bad_requests_are_400s_that_say_why(server, body, content_type, reason):
     status, answer = post(server["base"] + "/invocations", body, content_type)
     assert status == 400 and answer["reason"] == reason, answer
@@ -157,8 +188,12 @@ def test_oversized_body_is_413(server, path):
     # refused on its Content-Length, before the body is read: the client sends only the headers and a first piece
     # (a client still writing 1 MB when the server answers and closes can get a broken pipe instead of the 413)
     with socket.create_connection(("127.0.0.1", server["port"]), timeout=60) as raw:
-        raw.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
-                    + f"Content-Length: {MAX_BODY + 10}\r\n\r\n".encode() + b'{"inputs": {"image": ["' + b"A" * 1000)
+        raw.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {MAX_BODY + 10}\r\n\r\n".encode()
+            + b'{"inputs": {"image": ["'
+            + b"A" * 1000
+        )
         reply = b""
         while b"}" not in reply.partition(b"\r\n\r\n")[2]:
             chunk = raw.recv(4096)
@@ -178,13 +213,15 @@ def test_oversized_body_is_413(server, path):
 
 def test_a_stalled_client_does_not_block_others_and_gets_408(server, test_files):
     stalled = socket.create_connection(("127.0.0.1", server["port"]), timeout=60)
-    stalled.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: 5000\r\n\r\n{\"inputs\": ")
+    stalled.sendall(
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 5000\r\n\r\n{"inputs": '
+    )
     try:
         status, body = post(server["base"] + "/invocations", {"inputs": {"image": [b64(test_files[0].read_bytes())]}})
-        assert status == 200, body                          # answered while the other client holds its request open
+        assert status == 200, body  # answered while the other client holds its request open
         reply = b""
-        while b"}" not in reply:                              # the 408's JSON body, after --body-timeout seconds
+        while b"}" not in reply:  # the 408's JSON body, after --body-timeout seconds
             chunk = stalled.recv(4096)
             if not chunk:
                 break
@@ -211,4 +248,8 @@ def test_survives_a_thousand_bad_requests_in_a_row(server, test_files):
     status, body = post(server["base"] + "/invocations", {"inputs": {"image": [b64(test_files[0].read_bytes())]}})
     assert status == 200, body
     after = metrics(server["metrics"])
-    assert total(after, "deepguard_requests_total", outcome="bad_request") - total(before, "deepguard_requests_total", outcome="bad_request") == 1000
+    assert (
+        total(after, "deepguard_requests_total", outcome="bad_request")
+        - total(before, "deepguard_requests_total", outcome="bad_request")
+        == 1000
+    )

@@ -14,8 +14,12 @@ from deepguard.preprocess import shortcut_audit, webp_history
 
 from tests.helpers import ROOT
 
-PINNED = {"comfyui-workflow-templates-media-assets-01": "0.1.48", "comfyui-workflow-templates-media-assets-02": "0.1.24",
-          "comfyui-workflow-templates-media-other": "0.3.229", "comfyui-workflow-templates-media-video": "0.3.101"}
+PINNED = {
+    "comfyui-workflow-templates-media-assets-01": "0.1.48",
+    "comfyui-workflow-templates-media-assets-02": "0.1.24",
+    "comfyui-workflow-templates-media-other": "0.3.229",
+    "comfyui-workflow-templates-media-video": "0.3.101",
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,29 +40,50 @@ def test_the_input_of_every_two_file_workflow_is_dropped(templates):
     kept = templates[templates.rule == ""]
     assert set(templates.rule) - {""} <= set(TEMPLATE_RULES) and 80 < len(kept) < len(templates) / 2
     # image-conditioned workflows with one file: that file is the input, never a kept output
-    conditioned = kept[(kept["index"] == 1) & kept.workflow.str.contains(r"(?:^|_)(?:i2v|flf2v|r2v|image_to_video)(?:_|$)")]
+    conditioned = kept[
+        (kept["index"] == 1) & kept.workflow.str.contains(r"(?:^|_)(?:i2v|flf2v|r2v|image_to_video)(?:_|$)")
+    ]
     assert conditioned.empty, conditioned.file.tolist()
     assert not kept.workflow.str.contains("upscale|llm|audio|speech|depth|background").any()
 
 
 def test_reader_on_a_fixture_of_package_files(templates):
-    fixture = templates[templates.file.isin([
-        "api_bfl_flux3_t2i-1.webp",            # text-to-image output, a face
-        "api_qwen3_t2i-1.webp",                # a statue: on the photoreal list
-        "image_qwen_image_2_1_image_edit-1.webp", "image_qwen_image_2_1_image_edit-2.webp",   # input, output
-        "video_wan2_2_14B_t2v-1.webp",         # an animated thumbnail: several frames
-        "api_kling4_i2v-1.webp"])]             # the image a video was made from
+    fixture = templates[
+        templates.file.isin(
+            [
+                "api_bfl_flux3_t2i-1.webp",  # text-to-image output, a face
+                "api_qwen3_t2i-1.webp",  # a statue: on the photoreal list
+                "image_qwen_image_2_1_image_edit-1.webp",
+                "image_qwen_image_2_1_image_edit-2.webp",  # input, output
+                "video_wan2_2_14B_t2v-1.webp",  # an animated thumbnail: several frames
+                "api_kling4_i2v-1.webp",
+            ]
+        )
+    ]  # the image a video was made from
     exclude = not_photoreal(ROOT / "data" / "curation" / "comfyui_not_photoreal.csv")
     assert exclude["api_qwen3_t2i-1.webp"] == "statue"
     found, drops = diffusion_faces(exclude, n_frames=3, min_face=48, min_family=1, templates=fixture)
     rule = dict(zip(drops[drops.frame == ""].file, drops[drops.frame == ""].rule))
-    assert rule == {"api_qwen3_t2i-1.webp": "not_photoreal", "image_qwen_image_2_1_image_edit-1.webp":
-                    "input_of_two_file_workflow", "api_kling4_i2v-1.webp": "input_of_conditioned_workflow"}
+    assert rule == {
+        "api_qwen3_t2i-1.webp": "not_photoreal",
+        "image_qwen_image_2_1_image_edit-1.webp": "input_of_two_file_workflow",
+        "api_kling4_i2v-1.webp": "input_of_conditioned_workflow",
+    }
     kept = pd.DataFrame([{k: v for k, v in f.items() if k != "image"} for f in found])
-    assert set(kept.file) <= {"api_bfl_flux3_t2i-1.webp", "image_qwen_image_2_1_image_edit-2.webp", "video_wan2_2_14B_t2v-1.webp"}
+    assert set(kept.file) <= {
+        "api_bfl_flux3_t2i-1.webp",
+        "image_qwen_image_2_1_image_edit-2.webp",
+        "video_wan2_2_14B_t2v-1.webp",
+    }
     assert "api_bfl_flux3_t2i-1.webp" in set(kept.file)
-    assert (kept.package.map(lambda p: re.fullmatch(r"(comfyui-workflow-templates-media-[a-z0-9-]+)==([\d.]+)", p)
-                             and PINNED[p.split("==")[0]] == p.split("==")[1])).all()
+    assert (
+        kept.package.map(
+            lambda p: (
+                re.fullmatch(r"(comfyui-workflow-templates-media-[a-z0-9-]+)==([\d.]+)", p)
+                and PINNED[p.split("==")[0]] == p.split("==")[1]
+            )
+        )
+    ).all()
     families = dict(zip(kept.file, kept.generator))
     assert families["api_bfl_flux3_t2i-1.webp"] == "diffusion-flux"
     assert kept.workflow.tolist() == [f.rsplit("-", 1)[0] for f in kept.file]
@@ -90,10 +115,13 @@ def test_webp_round_trip_and_the_audit_feature():
     rng = np.random.default_rng(0)
     image = Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((96, 96), Image.Resampling.BILINEAR)
     once, again = webp_round_trip(image, 80), webp_round_trip(image, 80)
-    assert np.array_equal(np.asarray(once), np.asarray(again)) and not np.array_equal(np.asarray(once), np.asarray(image))
+    assert np.array_equal(np.asarray(once), np.asarray(again)) and not np.array_equal(
+        np.asarray(once), np.asarray(image)
+    )
     assert once.size == image.size and once.mode == "RGB"
-    rows = pd.DataFrame(dict(source_format=["webp", "jpeg", "jpeg", "reconstruction"], webp_quality=[0, 85, 0, 90],
-                             path=["a.jpg"] * 4))
+    rows = pd.DataFrame(
+        dict(source_format=["webp", "jpeg", "jpeg", "reconstruction"], webp_quality=[0, 85, 0, 90], path=["a.jpg"] * 4)
+    )
     flags = [webp_history(r) for r in rows.itertuples()]
     assert flags == [1, 1, 0, 1]
     # matched: a WebP history on both sides in equal shares is no shortcut; on one side only it is

@@ -63,4 +63,6 @@ def test_spark_score_without_the_model_says_so(tiny_project, tmp_path):
     proc = run(["deepguard", "spark-score", str(tmp_path), "--output", str(tmp_path / "o"), "--model",
                 "models:/no-such-model@champion"], tiny_project, check=False,
                env={"MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}"})
-    assert proc.returncode == 2 and "deepguard spark-score:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "deepguard spark-score:" in proc.stderr and "Traceback" not in proc.stderr, (
+        proc.stderr
+    )

@@ -10,8 +10,11 @@ WORKFLOW = ROOT / ".github" / "workflows" / "ci.yaml"
 
 
 def test_workflow_matches_the_github_schema():
-    result = subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -22,4 +25,8 @@ def test_release_runs_after_tests_on_main_only():
     assert release["needs"] == "test" and "refs/heads/main" in release["if"]
     assert release["permissions"]["packages"] == "write"
     script = "\n".join(s.get("run", "") for s in release["steps"])
-    assert "docker build --target server" in script and "docker push" in script and "kubernetes-validate --strict" in script
+    assert (
+        "docker build --target server" in script
+        and "docker push" in script
+        and "kubernetes-validate --strict" in script
+    )
