@@ -21,7 +21,7 @@ import yaml
 __all__ = ['RUNTIMES', 'MODEL_NAME', 'REGISTRY_MODEL', 'DeepGuardError', 'ParamsError', 'DataLayoutError', 'InvalidImageError',
            'project_root', 'resolve', 'load_params', 'check_param', 'as_bool', 'StageParams', 'stage_params',
            'inference_runtime', 'openvino_config', 'seed_everything', 'get_logger', 'write_json', 'file_sha256',
-           'git_commit', 'label_for', 'mlflow_setup', 'redact']
+           'git_commit', 'label_for', 'calibrated', 'mlflow_setup', 'redact']
 
 # %% ../nbs/00_core.ipynb #96e9f324
 class DeepGuardError(Exception):
@@ -205,6 +205,12 @@ def label_for(p, threshold: float):
     if np.ndim(p) == 0:
         return "FAKE" if p >= threshold else "REAL"
     return np.where(np.asarray(p) >= threshold, "FAKE", "REAL")
+
+# %% ../nbs/00_core.ipynb #09fa8453
+def calibrated(logit, calibration: dict, sigmoid):
+    """The calibration map, the one formula every scorer applies: P(fake) = sigmoid(slope x (logit - centre_logit)),
+    with the framework's own `sigmoid` (numpy in evaluation, TensorFlow inside the exported graph)."""
+    return sigmoid(float(calibration["slope"]) * (logit - float(calibration["centre_logit"])))
 
 # %% ../nbs/00_core.ipynb #467ff388
 def mlflow_setup(experiment: str = "deepguard", root: Union[str, Path, None] = None) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from .core import check_param, get_logger, resolve, write_json
+from .core import calibrated, check_param, get_logger, resolve, write_json
 from .card import model_card
 from .robustness import (perturbed_scores, plot_robustness, robustness_by_group, robustness_sample,
                                   robustness_sweep)
@@ -111,7 +111,7 @@ def fit_calibration(y, p, balanced: bool = True) -> dict:
 # %% ../nbs/06_evaluate.ipynb #0ffbd6b1
 def calibrate(p, calibration: dict) -> np.ndarray:
     "The calibrated P(fake) for raw fake probabilities `p`."
-    return 1 / (1 + np.exp(-calibration["slope"] * (_logit(p) - calibration["centre_logit"])))
+    return calibrated(_logit(p), calibration, lambda z: 1 / (1 + np.exp(-z)))
 
 # %% ../nbs/06_evaluate.ipynb #b38067ae
 def check_calibration(y, p_raw, p_calibrated, balanced: bool = True) -> dict:

@@ -20,18 +20,8 @@ import pandas as pd
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from deepguard.core import (
-    DataLayoutError,
-    DeepGuardError,
-    InvalidImageError,
-    ParamsError,
-    check_param,
-    file_sha256,
-    get_logger,
-    resolve,
-    seed_everything,
-    write_json,
-)
+from .core import (DataLayoutError, DeepGuardError, InvalidImageError, ParamsError, check_param, file_sha256,
+                            get_logger, resolve, seed_everything, write_json)
 from .images import IMAGE_SUFFIXES, load_image
 from .decoders import parse_designs, reconstruct, train_autoencoder
 from .faces import FACE_CHAIN, detect_face, encode_jpeg, face_detector, sharpness, square_box

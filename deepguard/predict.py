@@ -16,16 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from deepguard.core import (
-    DeepGuardError,
-    InvalidImageError,
-    file_sha256,
-    inference_runtime,
-    label_for,
-    openvino_config,
-    project_root,
-    resolve,
-)
+from .core import (DeepGuardError, InvalidImageError, calibrated, file_sha256, inference_runtime, label_for,
+                            openvino_config, project_root, resolve)
 from .images import ImageSource, load_image
 from .faces import FaceCrop, prepare_faces, recorded_chain
 
@@ -119,10 +111,9 @@ def read_decision(threshold_path) -> dict:
 def _compile(model, input_size: int, calibration: dict = IDENTITY_CALIBRATION):
     "One graph for every batch size: the calibrated P(fake) = sigmoid(slope * (model logit - centre))."
     import tensorflow as tf
-    slope, centre = float(calibration["slope"]), float(calibration["centre_logit"])
     @tf.function(input_signature=[tf.TensorSpec([None, input_size, input_size, 3], tf.float32)])
     def predict_fn(x):
-        return tf.sigmoid(slope * (model(x, training=False) - centre))
+        return calibrated(model(x, training=False), calibration, tf.sigmoid)
     return predict_fn
 
 # %% ../nbs/07_predict.ipynb #f3d4bd02

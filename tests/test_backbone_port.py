@@ -7,14 +7,8 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
-from deepguard.model import (
-    LITE0_BLOCKS,
-    efficientnet_lite0,
-    lite0_imagenet_weights,
-    lite0_state_dict,
-    load_npz_weights,
-    set_weights_by_name,
-)
+from deepguard.model import (LITE0_BLOCKS, efficientnet_lite0, lite0_imagenet_weights, lite0_state_dict,
+                             load_npz_weights, set_weights_by_name)
 
 PHOTOS = {"chelsea": data.chelsea, "coffee": data.coffee, "motorcycle_left": lambda: data.stereo_motorcycle()[0]}
 
