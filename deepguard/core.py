@@ -18,10 +18,10 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['RUNTIMES', 'MODEL_NAME', 'REGISTRY_MODEL', 'DeepGuardError', 'ParamsError', 'DataLayoutError', 'InvalidImageError',
-           'project_root', 'resolve', 'load_params', 'check_param', 'as_bool', 'StageParams', 'stage_params',
-           'inference_runtime', 'openvino_config', 'seed_everything', 'get_logger', 'write_json', 'file_sha256',
-           'git_commit', 'label_for', 'calibrated', 'mlflow_setup', 'redact']
+__all__ = ['RUNTIMES', 'MODEL_NAME', 'REGISTRY_MODEL', 'MOVED_TO_IMAGES', 'DeepGuardError', 'ParamsError', 'DataLayoutError',
+           'InvalidImageError', 'project_root', 'resolve', 'load_params', 'check_param', 'as_bool', 'StageParams',
+           'stage_params', 'inference_runtime', 'openvino_config', 'seed_everything', 'get_logger', 'write_json',
+           'file_sha256', 'git_commit', 'label_for', 'calibrated', 'mlflow_setup', 'redact']
 
 # %% ../nbs/00_core.ipynb #96e9f324
 class DeepGuardError(Exception):
@@ -233,3 +233,14 @@ _USERINFO = _re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
 def redact(text: str) -> str:
     "`text` with the user and password of every URL in it replaced by `***`."
     return _USERINFO.sub(lambda m: m["scheme"] + "***@", str(text))
+
+# %% ../nbs/00_core.ipynb #cedb23f5
+MOVED_TO_IMAGES = ("IMAGE_SUFFIXES", "MAX_PIXELS", "MIN_SIDE", "MAX_FILE_BYTES", "ImageSource", "to_rgb", "load_image",
+                   "encode_image_b64", "decode_image_b64")
+
+def __getattr__(name: str):
+    "`deepguard.core.<name>` for the names that moved to `deepguard.images` (old registered models refer to them)."
+    if name in MOVED_TO_IMAGES:
+        from deepguard import images
+        return getattr(images, name)
+    raise AttributeError(f"module 'deepguard.core' has no attribute {name!r}")
