@@ -164,11 +164,8 @@ def main():
 
     result = {
         "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "openvino": version("openvino"),
-            "tensorflow": version("tensorflow-cpu"),
-            "mtcnn": version("mtcnn"),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "openvino": version("openvino"),
+            "tensorflow": version("tensorflow-cpu"), "mtcnn": version("mtcnn"),
         },
         "images": len(images),
         "sample": "all of data/raw" if not args.n else f"{args.n} (seed {args.seed})",

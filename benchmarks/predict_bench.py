@@ -72,10 +72,7 @@ def measure(runtime, model, n, batch):
     answers = classify(data, model=model)
     cold = [
         subprocess.run(
-            [sys.executable, "-c", COLD, model, str(files[0])],
-            capture_output=True,
-            text=True,
-            check=True,
+            [sys.executable, "-c", COLD, model, str(files[0])], capture_output=True, text=True, check=True,
             env={**os.environ, "DEEPGUARD_RUNTIME": runtime},
         ).stdout.split()
         for _ in range(3)
@@ -93,10 +90,8 @@ def measure(runtime, model, n, batch):
             "model_images_per_s": round(batch / t_model, 1),
         },
         "cold_start_s": {
-            "import": round(float(cold[0]), 2),
-            "first_answer": round(float(cold[1]), 2),
-            "total": round(float(cold[0]) + float(cold[1]), 2),
-            "imported_tensorflow": bool(int(cold[2])),
+            "import": round(float(cold[0]), 2), "first_answer": round(float(cold[1]), 2),
+            "total": round(float(cold[0]) + float(cold[1]), 2), "imported_tensorflow": bool(int(cold[2])),
         },
         "answers": [{"p_fake": a.probability_fake, "label": a.label, "face_box": list(a.face_box)} for a in answers],
     }
@@ -117,15 +112,7 @@ def main():
     for runtime in RUNTIMES:
         proc = subprocess.run(
             [
-                sys.executable,
-                __file__,
-                "--runtime",
-                runtime,
-                "--model",
-                args.model,
-                "--n",
-                str(args.n),
-                "--batch",
+                sys.executable, __file__, "--runtime", runtime, "--model", args.model, "--n", str(args.n), "--batch",
                 str(args.batch),
             ],
             capture_output=True,
@@ -144,9 +131,7 @@ def main():
     o, t = runs["openvino"], runs["tensorflow"]
     result = {
         "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "openvino": version("openvino"),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "openvino": version("openvino"),
             "tensorflow": version("tensorflow-cpu"),
         },
         "model": Path(args.model).name,

@@ -103,9 +103,7 @@ def main():
     tf1, ov1 = timing["tensorflow_tf_function"]["batch1_ms"], timing["openvino_cpu_f32"]["batch1_ms"]
     result = {
         "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
+            "cpus": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__,
             "openvino": ov.__version__.split("-")[0],
         },
         "model": {

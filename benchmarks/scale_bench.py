@@ -113,17 +113,9 @@ def fabricate_processed(project: Path, data: Path) -> None:
         (processed / rel).write_bytes(crop.jpeg)
         rows.append(
             dict(
-                path=rel,
-                label=label,
-                y=int(label == "fake"),
-                split=split,
-                source=f"140k:{file.stem}",
-                generator=generator,
-                license="synthetic",
-                raw_path=raw_rel,
-                raw_sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
-                face_found=False,
-                face_size=crop.native_size,
+                path=rel, label=label, y=int(label == "fake"), split=split, source=f"140k:{file.stem}",
+                generator=generator, license="synthetic", raw_path=raw_rel,
+                raw_sha256=hashlib.sha256(file.read_bytes()).hexdigest(), face_found=False, face_size=crop.native_size,
                 framing=0.0,
             )
         )
@@ -143,24 +135,16 @@ def run_pipeline(project: Path, data: Path, log, on_stage=lambda stages: None, s
     params["register"].update(min_auc=0.0, model_name="deepguard-detector-scale")
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "MPLBACKEND": "Agg",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "PYTHONHASHSEED": "0",
-        "DVC_NO_ANALYTICS": "1",
+        **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MPLBACKEND": "Agg",
+        "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONHASHSEED": "0", "DVC_NO_ANALYTICS": "1",
         "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
     }
     env.pop("DEEPGUARD_ROOT", None)
     out = {}
     for stage in stages:
         proc = subprocess.run(
-            [sys.executable, "-c", MEASURE, "dvc", "repro", "-s", stage],
-            cwd=project,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
+            [sys.executable, "-c", MEASURE, "dvc", "repro", "-s", stage], cwd=project, env=env, stdout=subprocess.PIPE,
+            stderr=log, text=True,
         )
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         if result["rc"] != 0:
@@ -322,15 +306,10 @@ def main():
             machine=platform.machine(),
             python=platform.python_version(),
             params_changed={
-                "ingest": {"dataset": "140k", "sample_size": 0},
-                "train": {"epochs": 1, "fine_tune_epochs": 1},
-                "evaluate": {"robustness_max_images": ROBUSTNESS_N},
-                "register": {"min_auc": 0.0},
+                "ingest": {"dataset": "140k", "sample_size": 0}, "train": {"epochs": 1, "fine_tune_epochs": 1},
+                "evaluate": {"robustness_max_images": ROBUSTNESS_N}, "register": {"min_auc": 0.0},
             },
-            results=results,
-            incomplete=incomplete,
-            from_crops=partial,
-            ratios_largest_over_smallest=ratios,
+            results=results, incomplete=incomplete, from_crops=partial, ratios_largest_over_smallest=ratios,
             extrapolation_140k=extrapolate(results, args.gpu_speedup),
         )
         out.parent.mkdir(parents=True, exist_ok=True)

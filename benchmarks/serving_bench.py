@@ -101,17 +101,8 @@ class Server:
     def __init__(self, model: str, body: bytes, log: Path, extra=()):
         self.port = free_port()
         cmd = [
-            str(Path(sys.executable).parent / "deepguard"),
-            "serve",
-            "--model",
-            model,
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            str(free_port()),
-            "--grpc-port",
-            str(free_port()),
-            *extra,
+            str(Path(sys.executable).parent / "deepguard"), "serve", "--model", model, "--port", str(self.port),
+            "--metrics-port", str(free_port()), "--grpc-port", str(free_port()), *extra,
         ]
         start = time.perf_counter()
         self.proc = subprocess.Popen(
@@ -157,10 +148,8 @@ class Server:
 
 
 VARIANTS = {
-    "one_worker": ["--workers", "1"],
-    "one_worker_two_threads": ["--workers", "1", "--threads", "2"],
-    "one_process": ["--workers", "0"],
-    "one_process_two_threads": ["--workers", "0", "--threads", "2"],
+    "one_worker": ["--workers", "1"], "one_worker_two_threads": ["--workers", "1", "--threads", "2"],
+    "one_process": ["--workers", "0"], "one_process_two_threads": ["--workers", "0", "--threads", "2"],
 }
 
 
@@ -175,18 +164,8 @@ def wrk(port: int, clients: int, seconds: int, bodies: Path, script: Path, serve
     if server is not None:
         sampler.start()
     cmd = [
-        "wrk",
-        "-t1",
-        f"-c{clients}",
-        f"-d{seconds}s",
-        "--timeout",
-        "60s",
-        "--latency",
-        "-s",
-        str(script),
-        f"http://127.0.0.1:{port}/invocations",
-        "--",
-        str(bodies),
+        "wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "60s", "--latency", "-s", str(script),
+        f"http://127.0.0.1:{port}/invocations", "--", str(bodies),
     ]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120, check=True).stdout
@@ -199,11 +178,8 @@ def wrk(port: int, clients: int, seconds: int, bodies: Path, script: Path, serve
         "seconds": seconds,
         "requests": raw["requests"],
         "requests_per_s": round(raw["requests"] / (raw["duration_us"] / 1e6), 2),
-        "p50_ms": round(raw["p50_us"] / 1000, 1),
-        "p95_ms": round(raw["p95_us"] / 1000, 1),
-        "p99_ms": round(raw["p99_us"] / 1000, 1),
-        "max_ms": round(raw["max_us"] / 1000, 1),
-        "errors": errors,
+        "p50_ms": round(raw["p50_us"] / 1000, 1), "p95_ms": round(raw["p95_us"] / 1000, 1),
+        "p99_ms": round(raw["p99_us"] / 1000, 1), "max_ms": round(raw["max_us"] / 1000, 1), "errors": errors,
         "errors_by_kind": {k: raw[k] for k in ("connect", "read", "write", "status", "timeout")},
         **({"peak_rss_mib": round(peak[0])} if server is not None else {}),
     }
@@ -384,9 +360,7 @@ def main():
             v = Server(args.model, first_body, tmp / f"serve-{name}.log", extra)
             try:
                 variants[name] = {
-                    "flags": " ".join(extra),
-                    "cold_start_s": round(v.cold_start_s, 2),
-                    "ready_s": round(v.ready_s, 2),
+                    "flags": " ".join(extra), "cold_start_s": round(v.cold_start_s, 2), "ready_s": round(v.ready_s, 2),
                     "rss_mib_after_first_answer": round(v.rss_mib()),
                     **load_levels(v, [max(int(c) for c in args.clients.split(","))])[0],
                 }
@@ -437,9 +411,7 @@ def main():
     met = {
         "single_client_p50_over_in_process_p50": lambda v: v is not None and v <= 2,
         "clients32_throughput_over_in_process_batch": lambda v: v is not None and v >= 0.8,
-        "errors": lambda v: v == 0,
-        "cold_start_s": lambda v: v <= 3,
-        "ready_s": lambda v: v <= 3,
+        "errors": lambda v: v == 0, "cold_start_s": lambda v: v <= 3, "ready_s": lambda v: v <= 3,
         "clients32_requests_per_s": lambda v: v is not None and v >= 108,
         "peak_rss_mib": lambda v: v <= 600 * 1e6 / 2**20,
         "adversarial_peak_rss_mib": lambda v: v is not None and v < hostile["k8s_memory_limit_mib"],
@@ -452,9 +424,7 @@ def main():
 
     result = {
         "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "openvino": version("openvino"),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "openvino": version("openvino"),
             "mlserver": mlserver.__version__,
             "load_generator": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0][:40],
         },
@@ -464,11 +434,8 @@ def main():
         "server_defaults": {
             k: SERVE_DEFAULTS[k] for k in ("workers", "inference_threads", "max_batch_size", "max_batch_time")
         },
-        "in_process": local,
-        "server": levels,
-        "cold_start_s": round(server.cold_start_s, 2),
-        "ready_s": round(server.ready_s, 2),
-        "model_folder": folder,
+        "in_process": local, "server": levels, "cold_start_s": round(server.cold_start_s, 2),
+        "ready_s": round(server.ready_s, 2), "model_folder": folder,
         "server_rss_mib": {"after_first_answer": round(idle_rss), "peak": max(r["peak_rss_mib"] for r in levels)},
         "variants_at_max_clients": variants,
         "adversarial": hostile,

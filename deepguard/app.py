@@ -144,12 +144,7 @@ class DetectorApp:
         self.upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload faces")
         self.upload.observe(self._on_upload, names="value")
         self.threshold = widgets.FloatSlider(
-            value=round(threshold, 3),
-            min=0.0,
-            max=1.0,
-            step=0.005,
-            readout_format=".3f",
-            description="threshold",
+            value=round(threshold, 3), min=0.0, max=1.0, step=0.005, readout_format=".3f", description="threshold",
             continuous_update=False,
         )
         self.threshold.observe(lambda change: self.render(), names="value")
@@ -182,17 +177,11 @@ class DetectorApp:
         metrics_file = resolve("reports/metrics.json", root)
         metrics = json.loads(metrics_file.read_text()).get("cnn", {}) if metrics_file.is_file() else {}
         header = dict(
-            model=f"{detector.name} {detector.version}",
-            backbone=detector.metadata.get("backbone", "?"),
-            test_auc=metrics.get("roc_auc"),
-            test_accuracy=metrics.get("accuracy"),
-            test_n=metrics.get("n"),
+            model=f"{detector.name} {detector.version}", backbone=detector.metadata.get("backbone", "?"),
+            test_auc=metrics.get("roc_auc"), test_accuracy=metrics.get("accuracy"), test_n=metrics.get("n"),
         )
         return cls(
-            make_analyser(detector, class_means),
-            detector.threshold,
-            header,
-            pick_examples(resolve("data/raw", root)),
+            make_analyser(detector, class_means), detector.threshold, header, pick_examples(resolve("data/raw", root)),
             class_means,
         )
 

@@ -94,9 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=int(env("SERVE_PORT", 8080)), help="REST port (default: $SERVE_PORT or 8080)"
     )
     v.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(env("METRICS_PORT", 8082)),
+        "--metrics-port", type=int, default=int(env("METRICS_PORT", 8082)),
         help="Prometheus port (default: $METRICS_PORT or 8082)",
     )
     v.add_argument(
@@ -104,9 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--max-batch-size", type=int, default=None, help="images per batched V2 model call (default 16)")
     v.add_argument(
-        "--max-batch-time",
-        type=float,
-        default=None,
+        "--max-batch-time", type=float, default=None,
         help="seconds a request waits for others to batch with (default 0.01)",
     )
     v.add_argument(

@@ -67,19 +67,12 @@ def binary_metrics(y, p, threshold: float) -> dict:
     pred = (p >= threshold).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
     return dict(
-        accuracy=skm.accuracy_score(y, pred),
-        balanced_accuracy=skm.balanced_accuracy_score(y, pred),
-        precision=skm.precision_score(y, pred, zero_division=0),
-        recall=skm.recall_score(y, pred, zero_division=0),
-        f1=skm.f1_score(y, pred, zero_division=0),
-        roc_auc=skm.roc_auc_score(y, p),
-        average_precision=skm.average_precision_score(y, p),
-        tpr_at_fpr_5pct=tpr_at_fpr(y, p, 0.05),
-        ece=expected_calibration_error(y, p),
-        brier=skm.brier_score_loss(y, p),
-        confusion=dict(tn=int(tn), fp=int(fp), fn=int(fn), tp=int(tp)),
-        threshold=float(threshold),
-        n=int(len(y)),
+        accuracy=skm.accuracy_score(y, pred), balanced_accuracy=skm.balanced_accuracy_score(y, pred),
+        precision=skm.precision_score(y, pred, zero_division=0), recall=skm.recall_score(y, pred, zero_division=0),
+        f1=skm.f1_score(y, pred, zero_division=0), roc_auc=skm.roc_auc_score(y, p),
+        average_precision=skm.average_precision_score(y, p), tpr_at_fpr_5pct=tpr_at_fpr(y, p, 0.05),
+        ece=expected_calibration_error(y, p), brier=skm.brier_score_loss(y, p),
+        confusion=dict(tn=int(tn), fp=int(fp), fn=int(fn), tp=int(tp)), threshold=float(threshold), n=int(len(y)),
     )
 
 # %% ../nbs/06_evaluate.ipynb #f27bf6eb
@@ -173,12 +166,8 @@ def cross_source_table(rows: pd.DataFrame, scores: dict[str, np.ndarray], n_boot
             y = rows.y.to_numpy()[chosen]
             splits = sorted(set(rows.split[chosen]))
             entry = dict(
-                real_source=real,
-                fake_family=fake,
-                n_real=int((y == 0).sum()),
-                n_fake=int((y == 1).sum()),
-                splits="+".join(splits),
-                unseen="external" in splits,
+                real_source=real, fake_family=fake, n_real=int((y == 0).sum()), n_fake=int((y == 1).sum()),
+                splits="+".join(splits), unseen="external" in splits,
             )
             for name, p in scores.items():
                 entry[f"{name}_auc"] = float(skm.roc_auc_score(y, np.asarray(p)[chosen]))
@@ -240,11 +229,8 @@ def leave_one_family_out(features: dict, rows: dict, cnn_test: np.ndarray, n_boo
         both = len(set(y_test)) == 2
         out.append(
             dict(
-                family=family,
-                n_real=int(len(test_reals)),
-                n_fake=int(len(held)),
-                probe_without_family_auc=float(skm.roc_auc_score(y, p)),
-                probe_without_family_auc_lo=lo,
+                family=family, n_real=int(len(test_reals)), n_fake=int(len(held)),
+                probe_without_family_auc=float(skm.roc_auc_score(y, p)), probe_without_family_auc_lo=lo,
                 probe_without_family_auc_hi=hi,
                 probe_all_families_auc=float(
                     skm.roc_auc_score(y_test, everything.predict_proba(features["test"][chosen])[:, 1])
@@ -399,11 +385,8 @@ def write_outputs(params: dict, results: dict, scored: dict, tables: dict, metad
     write_json(
         resolve(params["threshold_path"]),
         dict(
-            threshold=threshold,
-            rule="calibrated P(fake) >= 0.5 (Platt, class-balanced)",
-            chosen_on="val",
-            model=Path(params["model_path"]).name,
-            calibration=calibration,
+            threshold=threshold, rule="calibrated P(fake) >= 0.5 (Platt, class-balanced)", chosen_on="val",
+            model=Path(params["model_path"]).name, calibration=calibration,
         ),
     )
     plots = resolve(params["plots_dir"])
@@ -422,13 +405,7 @@ def write_outputs(params: dict, results: dict, scored: dict, tables: dict, metad
     cross.assign(pair=cross.real_source + " vs " + cross.fake_family).to_csv(plots / "cross_source.csv", index=False)
     plot_robustness(tables["sweep"], plots / "robustness.png")
     card = model_card(
-        results,
-        metadata,
-        params["threshold_rule"],
-        tables["sweep"],
-        tables["per_generator"],
-        manifest,
-        cross,
+        results, metadata, params["threshold_rule"], tables["sweep"], tables["per_generator"], manifest, cross,
         tables["loo"],
     )
     resolve(params["model_card_path"]).write_text(card)
@@ -499,11 +476,8 @@ def run(params: dict) -> dict:
     test_rows = manifest[manifest.split == "test"].reset_index(drop=True)
     sweep_rows = robustness_sample(test_rows, params["robustness_max_images"])   # raw files read chunk by chunk
     scores = perturbed_scores(
-        list(sweep_rows.raw_path),
-        {"cnn": cnn_crop_scores, "spectral": spectral_crop_scores},
-        load=lambda p: load_image(resolve(params["raw_dir"]) / p),
-        chunk_size=params["chunk_size"],
-        prepare=chain,
+        list(sweep_rows.raw_path), {"cnn": cnn_crop_scores, "spectral": spectral_crop_scores},
+        load=lambda p: load_image(resolve(params["raw_dir"]) / p), chunk_size=params["chunk_size"], prepare=chain,
     )
     tables["sweep"] = robustness_sweep(
         scores, sweep_rows.y, {"cnn": threshold, "spectral": baselines["spectral_baseline"][1]}
@@ -521,10 +495,7 @@ def run(params: dict) -> dict:
     write_outputs(params, results, scored, tables, metadata, manifest, threshold)
     log.info(
         "test AUC %.4f (spectral %.4f, shortcut %.4f, sharpness %.4f), threshold %.4f",
-        results["cnn"]["roc_auc"],
-        results["spectral_baseline"]["roc_auc"],
-        results["shortcut_baseline"]["roc_auc"],
-        results["sharpness_baseline"]["roc_auc"],
-        threshold,
+        results["cnn"]["roc_auc"], results["spectral_baseline"]["roc_auc"], results["shortcut_baseline"]["roc_auc"],
+        results["sharpness_baseline"]["roc_auc"], threshold,
     )
     return dict(results=results, tables=tables, threshold=threshold, p_test=p_test, n_test=len(test_rows))

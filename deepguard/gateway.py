@@ -259,17 +259,11 @@ def gateway_metrics(registry=None) -> dict:
             {},
         ),
         "errors": (
-            Counter,
-            "deepguard_errors_total",
-            "refused or failed requests by route and reason",
-            ["route", "reason"],
+            Counter, "deepguard_errors_total", "refused or failed requests by route and reason", ["route", "reason"],
             {},
         ),
         "latency": (
-            Histogram,
-            "deepguard_request_latency_seconds",
-            "body received to answer ready",
-            ["route"],
+            Histogram, "deepguard_request_latency_seconds", "body received to answer ready", ["route"],
             {"buckets": LATENCY_BUCKETS},
         ),
         "retries": (
@@ -410,18 +404,9 @@ class Gateway:
         if not fresh and time.monotonic() - self._ready_at < 0.5:
             return self._ready
         scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": self.probe_path,
-            "raw_path": self.probe_path.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": [],
-            "client": ("127.0.0.1", 0),
-            "server": ("127.0.0.1", 0),
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+            "path": self.probe_path, "raw_path": self.probe_path.encode(), "root_path": "", "query_string": b"",
+            "headers": [], "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
         }
 
         async def never():

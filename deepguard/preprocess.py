@@ -56,70 +56,9 @@ def high_freq_energy(gray: np.ndarray) -> float:
 # libjpeg's standard luminance table (Annex K), against which IJG quality scales the stored one
 _STD_LUMA = np.array(
     [
-        16,
-        11,
-        10,
-        16,
-        24,
-        40,
-        51,
-        61,
-        12,
-        12,
-        14,
-        19,
-        26,
-        58,
-        60,
-        55,
-        14,
-        13,
-        16,
-        24,
-        40,
-        57,
-        69,
-        56,
-        14,
-        17,
-        22,
-        29,
-        51,
-        87,
-        80,
-        62,
-        18,
-        22,
-        37,
-        56,
-        68,
-        109,
-        103,
-        77,
-        24,
-        35,
-        55,
-        64,
-        81,
-        104,
-        113,
-        92,
-        49,
-        64,
-        78,
-        87,
-        103,
-        121,
-        120,
-        101,
-        72,
-        92,
-        95,
-        98,
-        112,
-        100,
-        103,
-        99,
+        16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29,
+        51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92, 49, 64, 78, 87, 103, 121,
+        120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
     ],
     dtype=np.float64,
 )
@@ -152,18 +91,10 @@ def shortcut_features(data: bytes, face_size: float = float("nan"), framing: flo
     hsv = np.asarray(image.convert("HSV"), dtype=np.float64)
     gray = np.asarray(image.convert("L"))
     return dict(
-        mean=rgb.mean(),
-        std=rgb.std(),
-        saturation=hsv[..., 1].mean(),
-        file_size=len(data),
-        is_jpeg=float(data[:2] == b"\xff\xd8"),
-        jpeg_quality=jpeg_quality_estimate(Image.open(io.BytesIO(data))),
-        high_freq_energy=high_freq_energy(gray),
-        sharpness=sharpness(gray),
-        width=float(image.width),
-        face_size=float(face_size),
-        framing=float(framing),
-        webp_history=float(webp),
+        mean=rgb.mean(), std=rgb.std(), saturation=hsv[..., 1].mean(), file_size=len(data),
+        is_jpeg=float(data[:2] == b"\xff\xd8"), jpeg_quality=jpeg_quality_estimate(Image.open(io.BytesIO(data))),
+        high_freq_energy=high_freq_energy(gray), sharpness=sharpness(gray), width=float(image.width),
+        face_size=float(face_size), framing=float(framing), webp_history=float(webp),
     )
 
 # %% ../nbs/02_preprocess.ipynb #e1784e74
@@ -359,11 +290,8 @@ def run(params: dict) -> dict:
         raise FileNotFoundError(f"{raw / 'manifest.csv'} is missing: run the ingest stage first (dvc repro ingest).")
     chain = chain_params(
         dict(
-            image_size=params["image_size"],
-            margin=params["margin"],
-            jpeg_quality=params["jpeg_quality"],
-            detect_max_side=params["detect_max_side"],
-            min_confidence=params["min_confidence"],
+            image_size=params["image_size"], margin=params["margin"], jpeg_quality=params["jpeg_quality"],
+            detect_max_side=params["detect_max_side"], min_confidence=params["min_confidence"],
             grayscale=as_bool("grayscale", params["grayscale"]),
         )
     )
@@ -401,10 +329,7 @@ def run(params: dict) -> dict:
     (reports / "data_card.md").write_text(data_card(processed, quarantine, len(duplicates), audit, chain, drops))
     log.info(
         "%d images processed (%d without a face found), %d duplicates dropped, %d quarantined",
-        len(processed),
-        int((~processed.face_found).sum()),
-        len(duplicates),
-        len(quarantine),
+        len(processed), int((~processed.face_found).sum()), len(duplicates), len(quarantine),
     )
     return dict(processed=processed, processing=chain, audit=audit, raw=raw, processed_dir=processed_dir)
 

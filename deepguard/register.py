@@ -114,9 +114,7 @@ def register_model(model_path, threshold_path, metrics: dict, model_name: str, m
             python_model=DetectorPyfunc(),
             signature=signature,
             artifacts={
-                "model": str(model_path),
-                "metadata": str(metadata_path),
-                "threshold": str(threshold_path),
+                "model": str(model_path), "metadata": str(metadata_path), "threshold": str(threshold_path),
                 "openvino_xml": str(model_path.with_suffix(".xml")),
                 "openvino_bin": str(model_path.with_suffix(".bin")),
             },
@@ -128,13 +126,9 @@ def register_model(model_path, threshold_path, metrics: dict, model_name: str, m
     version = str(info.registered_model_version)
     client = MlflowClient()
     tags = {
-        "threshold": threshold,
-        "class_names": "0=real,1=fake",
-        "input_size": metadata["input_size"],
-        "backbone": metadata["backbone"],
-        "test_roc_auc": metrics["cnn"]["roc_auc"],
-        "test_accuracy": metrics["cnn"]["accuracy"],
-        "manifest_sha256": metadata.get("manifest_sha256", ""),
+        "threshold": threshold, "class_names": "0=real,1=fake", "input_size": metadata["input_size"],
+        "backbone": metadata["backbone"], "test_roc_auc": metrics["cnn"]["roc_auc"],
+        "test_accuracy": metrics["cnn"]["accuracy"], "manifest_sha256": metadata.get("manifest_sha256", ""),
         "gate": reason,
     }
     for key, value in tags.items():
@@ -142,14 +136,8 @@ def register_model(model_path, threshold_path, metrics: dict, model_name: str, m
     if passes:
         client.set_registered_model_alias(model_name, "champion", version)
     return dict(
-        model_name=model_name,
-        version=version,
-        champion=passes,
-        reason=reason,
-        model_uri=f"models:/{model_name}/{version}",
-        run_id=run.info.run_id,
-        threshold=threshold,
-        comparison=comparison,
+        model_name=model_name, version=version, champion=passes, reason=reason,
+        model_uri=f"models:/{model_name}/{version}", run_id=run.info.run_id, threshold=threshold, comparison=comparison,
     )
 
 # %% ../nbs/08_register.ipynb #4c5780de
@@ -168,16 +156,7 @@ def _pinned_requirements() -> list[str]:
     return [
         f"{name}=={version(name)}"
         for name in (
-            "mlflow",
-            "openvino",
-            "mtcnn",
-            "joblib",
-            "lz4",
-            "pillow",
-            "numpy",
-            "pandas",
-            "pyyaml",
-            "scikit-learn",
+            "mlflow", "openvino", "mtcnn", "joblib", "lz4", "pillow", "numpy", "pandas", "pyyaml", "scikit-learn",
         )
     ]
 

@@ -33,25 +33,15 @@ def serving_metrics(registry=None) -> dict:
         from prometheus_client import REGISTRY as registry
     spec = {
         "batch": (
-            Histogram,
-            "deepguard_batch_size",
-            "images per model call after adaptive batching",
-            [],
+            Histogram, "deepguard_batch_size", "images per model call after adaptive batching", [],
             {"buckets": BATCH_BUCKETS},
         ),
         "probability": (
-            Histogram,
-            "deepguard_probability_fake",
-            "served calibrated P(fake)",
-            [],
-            {"buckets": PROBABILITY_BUCKETS},
+            Histogram, "deepguard_probability_fake", "served calibrated P(fake)", [], {"buckets": PROBABILITY_BUCKETS},
         ),
         "predictions": (
-            Counter,
-            "deepguard_predictions_total",
-            "served answers by label and whether a face was found",
-            ["label", "face_found"],
-            {},
+            Counter, "deepguard_predictions_total", "served answers by label and whether a face was found",
+            ["label", "face_found"], {},
         ),
         "info": (
             Gauge,
@@ -120,9 +110,7 @@ class DetectorRuntime(MLModel):
             for face in ("true", "false"):
                 self.metrics["predictions"].labels(*self.labels, label, face)
         self.metrics["info"].labels(
-            *self.labels,
-            f"{self.detector.threshold:.4f}",
-            str(self.detector.metadata["input_size"]),
+            *self.labels, f"{self.detector.threshold:.4f}", str(self.detector.metadata["input_size"]),
             self.detector.runtime,
         ).set(1)
         from PIL import Image

@@ -84,11 +84,8 @@ def score_frame(spark, frame, model_uri: str, env_manager: str = "local"):
         .select("path", "answer.*", "error")
     )
     bad = checked.where(F.col("error").isNotNull()).select(
-        "path",
-        F.lit(None).cast("double").alias("probability_fake"),
-        F.lit(None).cast("string").alias("label"),
-        F.lit(None).cast("boolean").alias("face_found"),
-        "error",
+        "path", F.lit(None).cast("double").alias("probability_fake"), F.lit(None).cast("string").alias("label"),
+        F.lit(None).cast("boolean").alias("face_found"), "error",
     )
     return good.unionByName(bad)
 

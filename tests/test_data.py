@@ -111,14 +111,8 @@ def test_ingest_stage_on_a_real_dataset_folder(tmp_path):
     root = write_tree(tmp_path / "ds", files)
     out = tmp_path / "raw"
     proc = papermill(
-        "nbs/01_ingest.ipynb",
-        tmp_path / "out.ipynb",
-        ROOT,
-        dataset="generic",
-        data_path=root,
-        out_dir=out,
-        val_frac=0.25,
-        test_frac=0.25,
+        "nbs/01_ingest.ipynb", tmp_path / "out.ipynb", ROOT, dataset="generic", data_path=root, out_dir=out,
+        val_frac=0.25, test_frac=0.25,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     manifest = pd.read_csv(out / "manifest.csv")

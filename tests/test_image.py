@@ -29,25 +29,14 @@ IMAGE = "localhost/deepguard-server:test"
 # what runs containers on this kind of machine (no systemd cgroups, crun refused, host network only)
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
 RUN_FLAGS = [
-    "--network",
-    "host",
-    "--cgroups=no-conmon",
-    "--cgroup-parent",
-    "deepguard-tests",
-    "--ulimit",
-    "nofile=4096:4096",
-    "--ulimit",
-    "nproc=4096:4096",
-    "--init",
+    "--network", "host", "--cgroups=no-conmon", "--cgroup-parent", "deepguard-tests", "--ulimit", "nofile=4096:4096",
+    "--ulimit", "nproc=4096:4096", "--init",
 ]
 
 
 def podman(*args, check=True, timeout=600, env=None):
     result = subprocess.run(
-        [*PODMAN, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        [*PODMAN, *args], capture_output=True, text=True, timeout=timeout,
         env=None if env is None else {**os.environ, **env},
     )
     if check and result.returncode != 0:
@@ -114,23 +103,8 @@ def test_container_serves_a_prediction_and_refuses_a_bad_request(image, tiny_pro
     port, metrics_port, grpc_port = free_port(), free_port(), free_port()
     name = f"deepguard-test-{port}"
     podman(
-        "run",
-        "-d",
-        "--name",
-        name,
-        *RUN_FLAGS,
-        image,
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(metrics_port),
-        "--grpc-port",
-        str(grpc_port),
-        "--model",
-        "/app/model",
+        "run", "-d", "--name", name, *RUN_FLAGS, image, "serve", "--host", "127.0.0.1", "--port", str(port),
+        "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port), "--model", "/app/model",
     )
     try:
         alive = lambda: (
@@ -155,17 +129,8 @@ def test_kube_play_runs_the_deployments_pod(image, tiny_project, tmp_path):
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     container["image"] = image
     container["args"] = [
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(metrics_port),
-        "--grpc-port",
-        str(grpc_port),
-        "--model",
-        "/app/model",
+        "serve", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), "--grpc-port",
+        str(grpc_port), "--model", "/app/model",
     ]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         container[probe]["httpGet"]["port"] = port

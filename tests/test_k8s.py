@@ -63,9 +63,7 @@ def test_kserve_inference_services(tmp_path):
             containers = predictor["containers"]
         pods.append(
             {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": isvc["metadata"]["name"]},
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": isvc["metadata"]["name"]},
                 "spec": {"containers": containers},
             }
         )

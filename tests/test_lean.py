@@ -90,10 +90,7 @@ def test_tensorflow_reference_gives_the_same_answers(tiny_project):
         env = {**os.environ, "DEEPGUARD_RUNTIME": runtime}
         proc = subprocess.run(
             [sys.executable, "-c", script, str(tiny_project / "models" / "detector.keras"), *files],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tiny_project,
+            capture_output=True, text=True, env=env, cwd=tiny_project,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         answers[runtime] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -94,9 +94,7 @@ def prometheus(model_server, tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     ready = lambda: answers_ok(base + "/-/ready")
     cmd = [
-        PROMETHEUS,
-        f"--config.file={folder / 'prometheus.yml'}",
-        f"--storage.tsdb.path={folder / 'data'}",
+        PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
     ]
     with background_server(cmd, folder, dict(os.environ), folder / "prometheus.log", ready, 60):
@@ -111,10 +109,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(prometheus, m
         {
             "inputs": [
                 {
-                    "name": "image",
-                    "datatype": "BYTES",
-                    "shape": [1],
-                    "parameters": {"content_type": "base64"},
+                    "name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"content_type": "base64"},
                     "data": [base64.b64encode(images[3].read_bytes()).decode()],
                 }
             ]

@@ -18,42 +18,16 @@ def test_ingest_manifest(tiny_project):
     raw = tiny_project / "data" / "raw"
     manifest = pd.read_csv(raw / "manifest.csv", keep_default_na=False)
     assert list(manifest.columns) == [
-        "path",
-        "label",
-        "source",
-        "generator",
-        "split",
-        "sha256",
-        "license",
-        "width",
-        "height",
-        "face_size",
-        "jpeg_quality",
-        "source_face_size",
-        "source_format",
-        "blur_sigma",
-        "contrast_scale",
-        "saturation_scale",
-        "seed",
-        "psi",
-        "webp_quality",
-        "parent",
-        "design",
-        "package",
-        "file",
-        "workflow",
-        "frame",
+        "path", "label", "source", "generator", "split", "sha256", "license", "width", "height", "face_size",
+        "jpeg_quality", "source_face_size", "source_format", "blur_sigma", "contrast_scale", "saturation_scale", "seed",
+        "psi", "webp_quality", "parent", "design", "package", "file", "workflow", "frame",
     ]
     tiny = TINY_PARAMS["ingest"]
     counts = manifest.groupby("generator").size().to_dict()
     n_reals = tiny["n_celeba"] + 3
     assert {k: v for k, v in counts.items() if not k.startswith(("diffusion-", "decoder-"))} == {
-        "stylegan-mobile": tiny["n_stylegan"],
-        "dcgan-digiface": tiny["n_dcgan"],
-        "vae-olivetti": tiny["n_vae"],
-        "celeba": tiny["n_celeba"],
-        "olivetti": tiny["n_olivetti"],
-        "photo-sample": 3,
+        "stylegan-mobile": tiny["n_stylegan"], "dcgan-digiface": tiny["n_dcgan"], "vae-olivetti": tiny["n_vae"],
+        "celeba": tiny["n_celeba"], "olivetti": tiny["n_olivetti"], "photo-sample": 3,
     }
     # one reconstruction per train/val/test photograph through a training design; the external design reconstructs
     # the test photographs and the external reals
@@ -186,14 +160,8 @@ def test_failed_training_ends_the_run_failed_and_writes_no_model(tiny_project, t
     bad.write_bytes(b"not an npz")
     out = tmp_path / "models" / "detector.keras"
     proc = papermill(
-        "nbs/05_train.ipynb",
-        tmp_path / "out.ipynb",
-        tiny_project,
-        model_path=out,
-        backbone_weights=bad,
-        backbone="efficientnet_lite0",
-        history_path=tmp_path / "h.csv",
-        checkpoint_path=tmp_path / "c.keras",
+        "nbs/05_train.ipynb", tmp_path / "out.ipynb", tiny_project, model_path=out, backbone_weights=bad,
+        backbone="efficientnet_lite0", history_path=tmp_path / "h.csv", checkpoint_path=tmp_path / "c.keras",
         figures_dir=tmp_path / "fig",
     )
     assert proc.returncode != 0
@@ -225,14 +193,7 @@ def test_evaluate_outputs(tiny_project):
     for name in ("roc", "precision_recall", "calibration", "confusion", "robustness", "per_generator"):
         assert len(pd.read_csv(tiny_project / "reports" / "plots" / f"{name}.csv")) > 0
     assert set(metrics["robustness"]) == {
-        "clean",
-        "jpeg_q95",
-        "jpeg_q75",
-        "jpeg_q50",
-        "jpeg_q30",
-        "downscale_x0.5",
-        "downscale_x0.25",
-        "blur_sigma1",
+        "clean", "jpeg_q95", "jpeg_q75", "jpeg_q50", "jpeg_q30", "downscale_x0.5", "downscale_x0.25", "blur_sigma1",
         "blur_sigma2",
     }
     trained = {g for g in manifest[manifest.split == "train"].generator}
@@ -410,11 +371,7 @@ def test_parallel_preprocess_is_byte_identical_to_serial(tiny_project, tmp_path)
     for workers in (1, 3):
         out, reports = tmp_path / f"processed-{workers}", tmp_path / f"reports-{workers}"
         proc = papermill(
-            "nbs/02_preprocess.ipynb",
-            tmp_path / f"pre-{workers}.ipynb",
-            tiny_project,
-            out_dir=out,
-            report_dir=reports,
+            "nbs/02_preprocess.ipynb", tmp_path / f"pre-{workers}.ipynb", tiny_project, out_dir=out, report_dir=reports,
             workers=workers,
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

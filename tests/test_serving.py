@@ -79,10 +79,7 @@ def test_every_mlflow_request_format_and_v2_agree(server, test_files):
         {
             "inputs": [
                 {
-                    "name": "image",
-                    "datatype": "BYTES",
-                    "shape": [3],
-                    "data": texts,
+                    "name": "image", "datatype": "BYTES", "shape": [3], "data": texts,
                     "parameters": {"content_type": "base64"},
                 }
             ]

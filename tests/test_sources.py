@@ -15,10 +15,8 @@ from deepguard.preprocess import shortcut_audit, webp_history
 from tests.helpers import ROOT
 
 PINNED = {
-    "comfyui-workflow-templates-media-assets-01": "0.1.48",
-    "comfyui-workflow-templates-media-assets-02": "0.1.24",
-    "comfyui-workflow-templates-media-other": "0.3.229",
-    "comfyui-workflow-templates-media-video": "0.3.101",
+    "comfyui-workflow-templates-media-assets-01": "0.1.48", "comfyui-workflow-templates-media-assets-02": "0.1.24",
+    "comfyui-workflow-templates-media-other": "0.3.229", "comfyui-workflow-templates-media-video": "0.3.101",
 }
 
 
