@@ -20,6 +20,7 @@ from PIL import Image
 
 from .core import DeepGuardError, InvalidImageError, label_for, resolve
 from .images import load_image
+from .drift import last_drift
 from .spectra import azimuthal_average, log_spectrum
 from .predict import Classification
 
@@ -179,6 +180,7 @@ class DetectorApp:
         header = dict(
             model=f"{detector.name} {detector.version}", backbone=detector.metadata.get("backbone", "?"),
             test_auc=metrics.get("roc_auc"), test_accuracy=metrics.get("accuracy"), test_n=metrics.get("n"),
+            input_drift=last_drift(resolve("reports/drift", root)),     # the last `deepguard drift`, if any
         )
         return cls(
             make_analyser(detector, class_means), detector.threshold, header, pick_examples(resolve("data/raw", root)),

@@ -18,7 +18,8 @@ from .images import IMAGE_SUFFIXES
 
 # %% auto #0
 __all__ = ['TABLE_COLUMNS', 'COMMANDS', 'expand_paths', 'format_row', 'json_row', 'build_parser', 'classify_command', 'main',
-           'export_command', 'serve_command', 'spark_command', 'console', 'summary_lines', 'summary_command']
+           'export_command', 'serve_command', 'spark_command', 'drift_command', 'console', 'summary_lines',
+           'summary_command']
 
 # %% ../nbs/13_cli.ipynb #4b80cef9
 def expand_paths(paths: Sequence[str], recursive: bool = False) -> Iterator[Path]:
@@ -128,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="pixels the images of one request may declare; more get 413 (default 64,000,000)",
     )
     v.add_argument("--max-json-depth", type=int, default=None, help="JSON nesting depth; deeper gets 400 (default 32)")
+    v.add_argument("--inference-log", default=env("DEEPGUARD_INFERENCE_LOG", "logs/inference"),
+                   help="folder of the inference log, a JSON line per answer (default: $DEEPGUARD_INFERENCE_LOG or "
+                   "logs/inference; \"\" for none)")
+    d = commands.add_parser("drift", help="Test a window of the inference log against the held-out reference.",
+                            description="Compare the last answers of the server's inference log with the test split's "
+                            "(P(fake), face size, FAKE and face-found rates); write drift.json, drift.html and "
+                            "drift.prom (Prometheus textfile) to --out.")
+    d.add_argument("--log", default=env("DEEPGUARD_INFERENCE_LOG", "logs/inference"),
+                   help="the inference log's folder (default: $DEEPGUARD_INFERENCE_LOG or logs/inference)")
+    d.add_argument("--reference", default=None, help="the evaluate stage's reports/drift_reference.json")
+    d.add_argument("--out", default=None, help="report folder (default: reports/drift in the project)")
+    d.add_argument("--last", type=int, default=1000, help="answers in the window, the most recent (default 1000)")
+    d.add_argument("--hours", type=float, default=None, help="only answers of the last HOURS (default: any age)")
+    d.add_argument("--alpha", type=float, default=0.01, help="family-wise significance level (default 0.01)")
+    d.add_argument("--fail-on-drift", action="store_true", help="exit 3 when drift is found (for a cron job or CI)")
     b = commands.add_parser(
         "spark-score",
         help="Score a folder or bucket of images on Apache Spark (the registered model).",
@@ -217,7 +233,7 @@ def classify_command(args, out=None, err=None) -> int:
     return 1 if failed else 0
 
 COMMANDS = {"classify": "classify_command", "summary": "summary_command", "serve": "serve_command",
-            "spark-score": "spark_command", "export": "export_command"}
+            "spark-score": "spark_command", "export": "export_command", "drift": "drift_command"}
 
 # %% ../nbs/13_cli.ipynb #fa0464a7
 def main(argv: Sequence[str] | None = None) -> int:
@@ -263,7 +279,8 @@ def serve_command(args, err=None) -> int:
               max_batch_size=args.max_batch_size, max_batch_time=args.max_batch_time,
               inference_threads=args.inference_threads, max_body_bytes=args.max_body_bytes,
               body_timeout=args.body_timeout, max_images=args.max_images,
-              max_request_pixels=args.max_request_pixels, max_json_depth=args.max_json_depth)
+              max_request_pixels=args.max_request_pixels, max_json_depth=args.max_json_depth,
+              inference_log=args.inference_log)
     except (ValueError, DeepGuardError) as error:
         print(f"deepguard serve: {error}", file=err)
         return 2
@@ -287,6 +304,28 @@ def spark_command(args, out=None, err=None) -> int:
         return 1
     print(f"{n} answers written to {args.output}", file=out)
     return 0
+
+# %% ../nbs/13_cli.ipynb #36a9f9de
+def drift_command(args, out=None, err=None) -> int:
+    """Test the inference log's window against the reference and write the report; 2 with a message when the log,
+    the reference or the window cannot be used, 3 on drift with --fail-on-drift, else 0."""
+    from deepguard.core import project_root
+    from deepguard.drift import REFERENCE_PATH, check_drift
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        root = project_root() if args.reference is None or args.out is None else None
+        reference = args.reference or root / REFERENCE_PATH
+        folder = args.out or root / "reports" / "drift"
+        if not 0 < args.alpha < 1 or args.last is not None and args.last < 1:
+            raise DeepGuardError("--alpha must be in (0, 1) and --last at least 1")
+        result = check_drift(args.log, reference, folder, last=args.last, hours=args.hours, alpha=args.alpha)
+    except DeepGuardError as error:
+        print(f"deepguard drift: {error}", file=err)
+        return 2
+    drifted = [t["feature"] for t in result["tests"] if t["drifted"]]
+    print(f"{'DRIFT in ' + ', '.join(drifted) if drifted else 'no drift'}: {result['window']['n']} answers "
+          f"({result['window']['skipped_lines']} lines skipped); report in {folder}", file=out)
+    return 3 if drifted and args.fail_on_drift else 0
 
 # %% ../nbs/13_cli.ipynb #a9082832
 def console() -> None:

@@ -409,6 +409,10 @@ def write_outputs(params: dict, results: dict, scored: dict, tables: dict, metad
         tables["loo"],
     )
     resolve(params["model_card_path"]).write_text(card)
+    test_rows = manifest[manifest.split == "test"]     # what `deepguard drift` compares served answers with
+    write_json(resolve(params["drift_reference_path"]), dict(
+        split="test", threshold=threshold, probability_fake=[round(float(p), 6) for p in p_test],
+        face_found=[bool(f) for f in test_rows.face_found], face_size=[int(s) for s in test_rows.face_size]))
 
 # %% ../nbs/06_evaluate.ipynb #60991804
 def run(params: dict) -> dict:

@@ -9,14 +9,17 @@ import asyncio
 import json
 import os
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
 from .core import DeepGuardError, InvalidImageError, get_logger, label_for
 from .images import load_image
 from .bodies import decode_images, image_column, limited_body
-from .gateway import LATENCY_BUCKETS, LIMITS, RequestError, receive_body, serving_limits
+from .drift import INFERENCE_LOG_ENV, inference_logger, log_answers
+from .gateway import LATENCY_BUCKETS, LIMITS, RequestError, limit_env, receive_body, serving_limits
 
 # %% auto #0
 __all__ = ['BATCH_BUCKETS', 'PROBABILITY_BUCKETS', 'DEFAULT_SERVING', 'LOAD_WAIT', 'SERVE_DEFAULTS', 'serving_metrics',
@@ -101,6 +104,7 @@ class DetectorRuntime(MLModel):
             )
         extra = {**DEFAULT_SERVING, **(params.extra or {})}
         self.limits = serving_limits()
+        self.answers = inference_logger(os.environ.get(INFERENCE_LOG_ENV))   # this worker's inference log, or None
         self.pool = ThreadPoolExecutor(max_workers=int(extra["inference_threads"]), thread_name_prefix="deepguard")
         self.detector = await asyncio.get_running_loop().run_in_executor(self.pool, load_detector, params.uri)
         self.metrics = serving_metrics()
@@ -126,13 +130,14 @@ class DetectorRuntime(MLModel):
         """Decode and classify file bytes, holding at most `max_request_pixels` decoded pixels (and one image) at a
         time; a row that cannot be decoded gets an error instead of a probability."""
         n, budget = len(files), self.limits["max_request_pixels"]
-        out_p, out_face, errors = np.full(n, np.nan), np.zeros(n, bool), [""] * n
+        start = time.perf_counter()
+        out_p, out_face, out_size, errors = np.full(n, np.nan), np.zeros(n, bool), np.zeros(n, int), [""] * n
         pending, held = [], 0
 
         def flush():
             probs, crops = self.detector.score([image for _, image in pending])
             for (i, _), p, crop in zip(pending, probs, crops):
-                out_p[i], out_face[i] = p, crop.face_found
+                out_p[i], out_face[i], out_size[i] = p, crop.face_found, crop.native_size
             pending.clear()
 
         for i, data in enumerate(files):
@@ -150,7 +155,9 @@ class DetectorRuntime(MLModel):
             flush()
         labels = label_for(out_p, self.detector.threshold)
         labels[[e != "" for e in errors]] = ""
-        return dict(probability_fake=out_p, label=labels, face_found=out_face, error=errors)
+        result = dict(probability_fake=out_p, label=labels, face_found=out_face, face_size=out_size, error=errors)
+        log_answers(self.answers, files, result, *self.labels, (time.perf_counter() - start) * 1000)
+        return result
 
     def _record(self, images: int, result: dict) -> None:
         "The runtime's metrics for one model call's answers."
@@ -164,10 +171,14 @@ class DetectorRuntime(MLModel):
         """An `/invocations` body: every row decoded (400 naming the first bad one, before anything is scored), then
         classified, in the one inference thread: a request's images are decoded once, and one request at a time
         holds decoded pixels (at most `max_request_pixels`, the front door's limit)."""
-        _, images = decode_images(image_column(body, content_type))
+        start = time.perf_counter()
+        files, images = decode_images(image_column(body, content_type))
         probs, crops = self.detector.score(images)
         labels = label_for(probs, self.detector.threshold)
-        return dict(probability_fake=probs, label=labels, face_found=np.array([c.face_found for c in crops]))
+        result = dict(probability_fake=probs, label=labels, face_found=np.array([c.face_found for c in crops]),
+                      face_size=np.array([c.native_size for c in crops]))
+        log_answers(self.answers, files, result, *self.labels, (time.perf_counter() - start) * 1000)
+        return result
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         await self.until_loaded()
@@ -231,7 +242,7 @@ class DetectorRuntime(MLModel):
 
 # %% ../nbs/11_serving.ipynb #a1f0c019
 SERVE_DEFAULTS = dict(host="127.0.0.1", port=8080, grpc_port=8081, metrics_port=8082, workers=1,
-                      max_batch_size=16, max_batch_time=0.01, **DEFAULT_SERVING, **LIMITS)
+                      max_batch_size=16, max_batch_time=0.01, inference_log="", **DEFAULT_SERVING, **LIMITS)
 
 def server_settings(model: str, **overrides) -> tuple:
     "(MLServer `Settings`, [`ModelSettings`]) for serving `model` with `SERVE_DEFAULTS` updated by `overrides`."
@@ -315,7 +326,9 @@ def serve(model: str, **overrides) -> None:
     settings, models = server_settings(model, **overrides)
     limits = serving_limits(**{k: overrides.get(k) for k in LIMITS})
     for key, value in limits.items():       # the workers, started later, read them from the environment
-        os.environ["DEEPGUARD_" + key.upper()] = str(value)
+        os.environ[limit_env(key)] = str(value)
+    if overrides.get("inference_log"):      # the inference log's folder, for every worker ("" or None: none)
+        os.environ[INFERENCE_LOG_ENV] = str(Path(overrides["inference_log"]).resolve())
     # glibc's malloc in the workers: blocks over 1 MB (decoded images) always mmapped, so they go back to the system
     # when freed (its adaptive threshold kept a 36 MP image's memory: 619 MiB afterwards instead of 447)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")

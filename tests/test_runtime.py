@@ -32,7 +32,7 @@ class StubDetector:
     def score(self, images):
         self.calls.append([im.size for im in images])
         probs = np.array([np.asarray(im)[..., 0].mean() / 255 for im in images])
-        return probs, [SimpleNamespace(face_found=im.width > im.height) for im in images]
+        return probs, [SimpleNamespace(face_found=im.width > im.height, native_size=min(im.size)) for im in images]
 
 
 def image(red: int, size=(40, 30)) -> bytes:
@@ -109,3 +109,18 @@ def test_pyfunc_predict_matches_the_runtime(runtime):
     assert list(answer.label) == list(infer(runtime, [image(250), image(10)])["label"]) == ["FAKE", "REAL"]
     with pytest.raises(MlflowException, match="row 1"):
         model.predict(None, pd.DataFrame({"image": [texts[0], "not base64!"]}))
+
+
+def test_the_runtime_logs_each_answered_row(monkeypatch, tmp_path):
+    "With an inference-log folder, every answered image is one JSON line; a row that could not be decoded is not."
+    monkeypatch.setenv("DEEPGUARD_INFERENCE_LOG", str(tmp_path))
+    monkeypatch.setattr(predict, "load_detector", lambda uri: StubDetector())
+    rt = serving.DetectorRuntime(ModelSettings(name="deepguard", implementation=serving.DetectorRuntime,
+                                               parameters=ModelParameters(uri="stub", extra={})))
+    asyncio.run(rt.load())
+    infer(rt, [image(250), b"not an image", image(10, (30, 40))])
+    lines = [json.loads(line) for path in tmp_path.glob("inference-*.jsonl") for line in path.read_text().splitlines()]
+    assert [(line["label"], line["face_found"], line["face_size"]) for line in lines] == [("FAKE", True, 30),
+                                                                                        ("REAL", False, 30)]
+    assert all(line["model_version"] == "7" and "image" not in line for line in lines)
+    asyncio.run(rt.unload())
