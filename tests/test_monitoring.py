@@ -152,7 +152,7 @@ def test_rules_load_and_evaluate_and_nothing_fires_on_a_healthy_server(prometheu
     with urllib.request.urlopen(prometheus + "/api/v1/rules", timeout=10) as response:
         groups = json.loads(response.read())["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == 11 and all(r["health"] == "ok" for r in rules), [
+    assert len(rules) == 12 and all(r["health"] == "ok" for r in rules), [
         (r["name"], r.get("lastError")) for r in rules
     ]
     firing = [r["name"] for r in rules if r["type"] == "alerting" and r["state"] == "firing"]
