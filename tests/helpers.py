@@ -106,7 +106,8 @@ def copy_project(dest: Path) -> Path:
     files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], ROOT).stdout.split("\0")
     for rel in filter(None, files):
         src = ROOT / rel
-        generated = rel.startswith(("data/", "models/")) and not rel.startswith(("data/regression/", "data/curation/"))
+        generated = rel.startswith(("data/", "models/")) and not rel.startswith(
+            ("data/regression/", "data/curation/", "data/sources/"))
         if src.is_file() and not generated and rel != "dvc.lock":
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
