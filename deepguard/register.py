@@ -20,7 +20,8 @@ from .predict import detector_from_files
 from .stats import chunks, paired_auc_difference
 
 # %% auto #0
-__all__ = ['decode_row', 'DetectorPyfunc', 'gate', 'crop_probabilities', 'compare_with_champion', 'register_model', 'run']
+__all__ = ['decode_row', 'DetectorPyfunc', 'per_family_differences', 'gate', 'crop_probabilities', 'compare_with_champion',
+           'register_model', 'run']
 
 # %% ../nbs/08_register.ipynb #67ba4fba
 def decode_row(index: int, text) -> "Image.Image":
@@ -48,6 +49,23 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
                              "label": label_for(probs, self.detector.threshold),
                              "face_found": [c.face_found for c in crops]})
 
+# %% ../nbs/08_register.ipynb #2ebb2217
+def per_family_differences(y, families, p_challenger, p_champion, min_images: int = 2) -> dict:
+    """{family: paired AUC difference, challenger - champion} for each fake family with at least `min_images`
+    images, each against every real of the same rows: where a challenger got worse, family by family. The
+    intervals are Bonferroni-adjusted (95% over all families at once), so that with many families one does not
+    look worse by chance."""
+    out = {}
+    tested = [f for f in sorted(set(families[y == 1])) if (families == f).sum() >= min_images]
+    if (y == 0).sum() < min_images:
+        return out
+    for family in tested:
+        rows = (y == 0) | (families == family)
+        d = paired_auc_difference(y[rows], p_challenger[rows], p_champion[rows], n_boot=2000,
+                                  level=1 - 0.05 / len(tested))
+        out[str(family)] = {k: d[k] for k in ("difference", "lo", "hi", "n")}
+    return out
+
 # %% ../nbs/08_register.ipynb #a7e92b44
 def gate(metrics: dict, min_auc: float, comparison: dict | None = None) -> tuple[bool, str]:
     "(passes, reason): the min-AUC gate, then (when there is a comparable champion) not worse than it."
@@ -63,7 +81,12 @@ def gate(metrics: dict, min_auc: float, comparison: dict | None = None) -> tuple
               f"{c['difference']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]")
     if c["hi"] < 0:
         return False, f"{floor}, but worse than the champion: {versus}; champion alias unchanged"
-    return True, f"{floor}; not worse than the champion: {versus}"
+    worse = {f: d for f, d in c.get("per_family", {}).items() if d["hi"] < 0}
+    if worse:      # a new family is not bought with a regression on another beyond its interval
+        which = ", ".join(f"{f} {d['difference']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" for f, d in worse.items())
+        return False, f"{floor}; {versus}, but worse than the champion on {which}; champion alias unchanged"
+    return True, f"{floor}; not worse than the champion: {versus}" + (
+        f", nor on any of {len(c['per_family'])} fake families" if c.get("per_family") else "")
 
 # %% ../nbs/08_register.ipynb #9d30af12
 def crop_probabilities(detector, crops, chunk_size: int = 512) -> np.ndarray:
@@ -73,9 +96,10 @@ def crop_probabilities(detector, crops, chunk_size: int = 512) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0)
 
 # %% ../nbs/08_register.ipynb #f97522e5
-def compare_with_champion(model_name: str, challenger, crops, y, chunk_size: int = 512) -> dict | None:
+def compare_with_champion(model_name: str, challenger, crops, y, chunk_size: int = 512, families=None) -> dict | None:
     """None without a champion; else the paired AUC comparison on `crops` (arrays or stored crops' paths, scored
-    `chunk_size` at a time), or {'note': why not} when the champion cannot score them."""
+    `chunk_size` at a time), and with `families` (each row's generator) the same per fake family, against every
+    real; or {'note': why not} when the champion cannot score them."""
     import mlflow
     from mlflow import MlflowClient
     try:
@@ -88,9 +112,11 @@ def compare_with_champion(model_name: str, challenger, crops, y, chunk_size: int
         return {"note": f"champion v{version} could not be loaded for comparison ({type(err).__name__}: {err})"[:300]}
     if champion.metadata.get("processing") != challenger.metadata.get("processing"):
         return {"note": f"champion v{version} not comparable: another face chain or input size"}
-    result = paired_auc_difference(y, crop_probabilities(challenger, crops, chunk_size),
-                                   crop_probabilities(champion, crops, chunk_size))
-    return {**result, "champion_version": str(version)}
+    p_new, p_old = crop_probabilities(challenger, crops, chunk_size), crop_probabilities(champion, crops, chunk_size)
+    result = {**paired_auc_difference(y, p_new, p_old), "champion_version": str(version)}
+    if families is not None:
+        result["per_family"] = per_family_differences(np.asarray(y), np.asarray(families), p_new, p_old)
+    return result
 
 # %% ../nbs/08_register.ipynb #59836318
 def register_model(model_path, threshold_path, metrics: dict, model_name: str, min_auc: float,
@@ -181,7 +207,8 @@ def run(params: dict) -> dict:
     export_openvino(model_path, threshold_path)  # the graph every answer runs: models/detector.xml + .bin
     challenger = detector_from_files(model_path, model_path.with_suffix(".json"), threshold_path, "challenger")
     crops = [processed / p for p in held_out.path]  # read and scored in chunks, never all at once
-    comparison = compare_with_champion(params["model_name"], challenger, crops, held_out.y.to_numpy())
+    comparison = compare_with_champion(params["model_name"], challenger, crops, held_out.y.to_numpy(),
+                                       families=held_out.generator.to_numpy())
     record = register_model(model_path, threshold_path, metrics, params["model_name"], params["min_auc"], comparison)
     record["tracking_uri"] = uri if not uri.startswith("sqlite:") else "sqlite:///mlflow.db (project root)"
     write_json(resolve(params["out_path"]), {k: v for k, v in record.items() if k != "run_id"})

@@ -59,8 +59,8 @@ def _auc(y, p):
     return pairwise_auc(p[y == 1], p[y == 0])
 
 # %% ../nbs/00b_stats.ipynb #2eb01d97
-def paired_auc_difference(y, p_challenger, p_champion, n_boot: int = 1000, seed: int = 0) -> dict:
-    "AUC(challenger) - AUC(champion) on the same images, with a paired bootstrap 95% interval."
+def paired_auc_difference(y, p_challenger, p_champion, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    "AUC(challenger) - AUC(champion) on the same images, with a paired bootstrap interval (`level`, default 95%)."
     y = np.asarray(y).astype(int)
     new, old = np.asarray(p_challenger, np.float64), np.asarray(p_champion, np.float64)
     rng = np.random.default_rng(seed)
@@ -69,6 +69,6 @@ def paired_auc_difference(y, p_challenger, p_champion, n_boot: int = 1000, seed:
     for _ in range(n_boot):
         idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
         diffs.append(_auc(y[idx], new[idx]) - _auc(y[idx], old[idx]))
-    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
     return dict(difference=float(_auc(y, new) - _auc(y, old)), lo=float(lo), hi=float(hi), n=int(len(y)),
                 challenger_auc=float(_auc(y, new)), champion_auc=float(_auc(y, old)))

@@ -21,6 +21,7 @@ def looped(tiny_project, tmp_path_factory):
     raw = project / "data" / "raw"
     photos = pd.read_csv(raw / "manifest.csv", keep_default_na=False)
     photos = photos[(photos.label == "real") & (photos.split == "train")].path[:16]
+    assert len(photos) >= 8, "the tiny corpus has too few training photographs for this test"
     folder = tmp_path_factory.mktemp("newgen")
     for i, rel in enumerate(photos):     # a stand-in generator: photographs posterized to 3 bits, mirrored
         ImageOps.mirror(ImageOps.posterize(Image.open(raw / rel).convert("RGB"), 3)).save(folder / f"img{i:02d}.png")
@@ -32,15 +33,16 @@ def looped(tiny_project, tmp_path_factory):
     listed = run(["deepguard", "sources"], project).stdout
     status = run(["dvc", "status", "ingest"], project).stdout
     repro = run(["dvc", "repro"], project)
-    return dict(project=project, added=added.stdout, listed=listed, status=status, repro=repro, before=before)
+    return dict(project=project, added=added.stdout, listed=listed, status=status, repro=repro, before=before,
+                n=len(photos))
 
 
 def test_add_source_copies_checks_and_tracks(looped):
     project = looped["project"]
-    assert "added source posterized: 16 fake images of family posterized" in looped["added"]
+    assert f"added source posterized: {looped['n']} fake images of family posterized" in looped["added"]
     assert "1 refused" in looped["added"] and "posterized" in looped["listed"]
     rows = pd.read_csv(project / "data" / "sources" / "posterized" / "manifest.csv")
-    assert len(rows) == 16 and rows.sha256.is_unique and set(rows.license) == {"CC0 (made by this test)"}
+    assert len(rows) == looped["n"] and rows.sha256.is_unique and set(rows.license) == {"CC0 (made by this test)"}
     assert (project / "data" / "sources" / "posterized.dvc").is_file()          # DVC-tracked
     assert "data/sources" in looped["status"]                                  # so ingest must re-run
 
@@ -49,7 +51,7 @@ def test_the_family_is_in_the_corpus_and_the_cross_table(looped):
     project = looped["project"]
     manifest = pd.read_csv(project / "data" / "raw" / "manifest.csv", keep_default_na=False)
     mine = manifest[manifest.generator == "posterized"]
-    assert len(mine) == 16 and set(mine.label) == {"fake"} and set(mine.split) == {"train", "val", "test"}
+    assert len(mine) == looped["n"] and set(mine.label) == {"fake"} and set(mine.split) == {"train", "val", "test"}
     assert (mine.jpeg_quality.astype(int) > 0).all()          # acquired like every demo image
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert any(pair.endswith(" vs posterized") for pair in metrics["cross_source"])
@@ -75,7 +77,7 @@ def test_remove_source_undoes_it(looped, tmp_path):
     project = tmp_path / "again"
     shutil.copytree(looped["project"], project, symlinks=True, ignore=shutil.ignore_patterns("mlruns", "mlflow.db"))
     out = run(["deepguard", "remove-source", "posterized"], project).stdout
-    assert "removed source posterized (16 images)" in out and not (project / "data" / "sources" / "posterized").exists()
+    assert f"removed source posterized ({looped['n']} images)" in out and not (project / "data" / "sources" / "posterized").exists()
     assert "no registered sources" in run(["deepguard", "sources"], project).stdout
     bad = run(["deepguard", "remove-source", "posterized"], project, check=False)
     assert bad.returncode == 2 and "no source 'posterized' (registered: none)" in bad.stderr

@@ -274,6 +274,16 @@ def test_register_compares_a_challenger_with_the_champion(tiny_project, monkeypa
         record = register_model(models / "detector.keras", models / "threshold.json", metrics, name, 0.0, comparison)
         assert record["champion"] is True and "not worse than the champion" in record["reason"]
         assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == record["version"]
+        # per fake family: the same model differs by 0 on each; worse on one family beyond its interval: no alias
+        by_family = compare_with_champion(name, same, crops, held.y.to_numpy(), families=held.generator.to_numpy())
+        assert by_family["per_family"] and all(d["difference"] == 0.0 for d in by_family["per_family"].values())
+        family = next(iter(by_family["per_family"]))
+        worse_on_one = {**by_family, "per_family": {**by_family["per_family"],
+                                                    family: dict(difference=-0.3, lo=-0.4, hi=-0.2, n=9)}}
+        promoted = record["version"]
+        record = register_model(models / "detector.keras", models / "threshold.json", metrics, name, 0.0, worse_on_one)
+        assert record["champion"] is False and f"worse than the champion on {family} -0.3000" in record["reason"]
+        assert str(MlflowClient().get_model_version_by_alias(name, "champion").version) == promoted
     finally:  # other tests resolve the champion the pipeline registered (reports/registry.json)
         MlflowClient().set_registered_model_alias(name, "champion", champion_before)
 
