@@ -21,6 +21,7 @@ from PIL import Image
 from .core import DeepGuardError, InvalidImageError, label_for, resolve
 from .images import load_image
 from .drift import last_drift
+from .feedback import RateLimiter, store_report
 from .spectra import azimuthal_average, log_spectrum
 from .predict import Classification
 
@@ -38,6 +39,7 @@ class Analysis:
     profile: np.ndarray           # its azimuthal average
     heatmap: np.ndarray | None    # Grad-CAM in [0, 1], the size of `shown`
     source: Image.Image | None    # the uploaded image (thumbnail) with the crop square drawn on it
+    data: bytes = b""             # the uploaded file, for a report that the answer is wrong
 
 # %% ../nbs/09_app.ipynb #883d48d2
 def _last_conv(layers):
@@ -89,7 +91,8 @@ def make_analyser(detector, class_means: dict | None = None) -> Callable[..., An
         shown = crop.image()
         spectrum = log_spectrum(np.asarray(shown.convert("L"), np.float32))
         heat = gradcam(detector.model, crop.array()[None])[0]
-        return Analysis(name, result, shown, spectrum, azimuthal_average(spectrum), heat, boxed(image, crop.box))
+        return Analysis(name, result, shown, spectrum, azimuthal_average(spectrum), heat, boxed(image, crop.box),
+                        bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else b"")
     return analyse
 
 # %% ../nbs/09_app.ipynb #5f287462
@@ -136,8 +139,10 @@ class DetectorApp:
     "The dashboard: upload or example buttons in, one result row per image out."
     def __init__(self, analyse: Callable[..., Analysis], threshold: float = 0.5, header: dict | None = None,
                  examples: dict[str, bytes] | None = None, class_means: dict | None = None,
-                 max_upload_bytes: int = MAX_UPLOAD_BYTES):
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES, feedback_folder=None):
         self.analyse, self.class_means, self.max_upload_bytes = analyse, class_means, max_upload_bytes
+        self.feedback_folder, self.reported = feedback_folder, {}     # None: no "this answer is wrong" control
+        self.feedback_rate = RateLimiter(10)                          # per visitor (kernel): 10 reports a minute
         self.analyses: list[Analysis] = []
         self.errors: list[str] = []
         self.header = widgets.HTML(self._header_html(header or {}, threshold))
@@ -184,7 +189,7 @@ class DetectorApp:
         )
         return cls(
             make_analyser(detector, class_means), detector.threshold, header, pick_examples(resolve("data/raw", root)),
-            class_means,
+            class_means, feedback_folder=resolve("data/feedback", root),
         )
 
     def _header_html(self, header: dict, threshold: float) -> str:
@@ -277,8 +282,38 @@ class DetectorApp:
                     "Grad-CAM (fake logit)",
                 )
             )
+        if self.feedback_folder is not None and a.data:
+            cells[0] = widgets.VBox([text, self.wrong_button(a, label)])
         box = widgets.HBox(cells, layout=widgets.Layout(border="1px solid #ddd", padding="6px", margin="4px 0"))
         return box
+
+    def wrong_button(self, a: Analysis, label: str) -> widgets.Button:
+        "A button that reports this answer as wrong: the image waits in the feedback quarantine for review."
+        done = self.reported.get(id(a))
+        button = widgets.Button(description=done or "this answer is wrong", disabled=bool(done),
+                                tooltip="Report it: a reviewer decides whether the image is trained on")
+        button.add_class("dg-wrong")
+        def report(_):
+            button.description, button.disabled = self.report_wrong(a, label), True
+        button.on_click(report)
+        return button
+
+    def report_wrong(self, a: Analysis, label: str) -> str:
+        "Store the report (the claimed label is the other one); what the button then says."
+        if not self.feedback_rate.allow("visitor"):
+            return "too many reports: try again in a minute"
+        claimed = "real" if label == "FAKE" else "fake"
+        r = a.result
+        answer = dict(probability_fake=round(r.probability_fake, 6), label=r.label, face_found=r.face_found)
+        try:
+            report_id, stored = store_report(a.data, claimed, "reported from the dashboard", answer,
+                                             dict(name=r.model_name, version=r.model_version),
+                                             folder=self.feedback_folder)
+        except OSError as err:
+            return f"not stored ({type(err).__name__}): tell the operator"
+        message = ("reported: waiting for review" if stored else "reported before") + f" ({report_id[:8]})"
+        self.reported[id(a)] = message
+        return message
 
     def render(self) -> None:
         "Build every row first, then swap the output area's content in one step."

@@ -19,7 +19,7 @@ from .images import IMAGE_SUFFIXES
 # %% auto #0
 __all__ = ['TABLE_COLUMNS', 'COMMANDS', 'expand_paths', 'format_row', 'json_row', 'build_parser', 'classify_command', 'main',
            'export_command', 'serve_command', 'spark_command', 'drift_command', 'add_source_command', 'sources_command',
-           'remove_source_command', 'console', 'summary_lines', 'summary_command']
+           'remove_source_command', 'feedback_command', 'console', 'summary_lines', 'summary_command']
 
 # %% ../nbs/13_cli.ipynb #4b80cef9
 def expand_paths(paths: Sequence[str], recursive: bool = False) -> Iterator[Path]:
@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--inference-log", default=env("DEEPGUARD_INFERENCE_LOG", "logs/inference"),
                    help="folder of the inference log, a JSON line per answer (default: $DEEPGUARD_INFERENCE_LOG or "
                    "logs/inference; \"\" for none)")
+    v.add_argument("--feedback-dir", default=env("DEEPGUARD_FEEDBACK_DIR", "data/feedback"),
+                   help="where POST /v2/models/deepguard/feedback stores reports for review (default: "
+                   "$DEEPGUARD_FEEDBACK_DIR or data/feedback); beyond loopback it needs $DEEPGUARD_FEEDBACK_TOKEN")
     a = commands.add_parser(
         "add-source",
         help="Register a folder or zip of images as a source of the corpus.",
@@ -146,6 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--generator", default=None, help="its family in the tables (default: the name)")
     a.add_argument("--external", action="store_true", help="never trained on: evaluated as the external split")
     commands.add_parser("sources", help="List the registered sources.")
+    f = commands.add_parser(
+        "feedback",
+        help="Review users' reports (the server's quarantine): list, show, accept, reject.",
+        description="Reports wait in data/feedback/pending until reviewed; accepted ones become a "
+        "source (trained on at the next dvc repro), rejected ones are kept with the reason.",
+    )
+    f.add_argument("action", choices=["list", "show", "accept", "reject"])
+    f.add_argument("ids", nargs="*", help="report ids (the sha256 of the image; a unique prefix is enough)")
+    f.add_argument("--status", default="pending", choices=["pending", "accepted", "rejected"], help="for list")
+    f.add_argument("--source", help="accept: the source the images become (deepguard add-source)")
+    f.add_argument("--license", help="accept: the terms under which the reported images may be used")
+    f.add_argument("--reason", help="reject: why")
+    f.add_argument(
+        "--dir", default=None, help="the feedback folder (default: $DEEPGUARD_FEEDBACK_DIR or data/feedback)"
+    )
     r = commands.add_parser("remove-source", help="Remove a registered source (the next dvc repro leaves it out).")
     r.add_argument("name")
     d = commands.add_parser(
@@ -256,7 +274,8 @@ def classify_command(args, out=None, err=None) -> int:
 
 COMMANDS = {"classify": "classify_command", "summary": "summary_command", "serve": "serve_command",
             "spark-score": "spark_command", "export": "export_command", "drift": "drift_command",
-            "add-source": "add_source_command", "sources": "sources_command", "remove-source": "remove_source_command"}
+            "add-source": "add_source_command", "sources": "sources_command", "remove-source": "remove_source_command",
+            "feedback": "feedback_command"}
 
 # %% ../nbs/13_cli.ipynb #fa0464a7
 def main(argv: Sequence[str] | None = None) -> int:
@@ -303,7 +322,7 @@ def serve_command(args, err=None) -> int:
               inference_threads=args.inference_threads, max_body_bytes=args.max_body_bytes,
               body_timeout=args.body_timeout, max_images=args.max_images,
               max_request_pixels=args.max_request_pixels, max_json_depth=args.max_json_depth,
-              inference_log=args.inference_log)
+              inference_log=args.inference_log, feedback_dir=args.feedback_dir)
     except (ValueError, DeepGuardError) as error:
         print(f"deepguard serve: {error}", file=err)
         return 2
@@ -381,6 +400,44 @@ def remove_source_command(args, out=None, err=None) -> int:
         print(f"deepguard remove-source: {error}", file=err or sys.stderr)
         return 2
     print(f"removed source {r['name']} ({r['files']} images); run `dvc repro`", file=out or sys.stdout)
+    return 0
+
+# %% ../nbs/13_cli.ipynb #1f1373ce
+def feedback_command(args, out=None, err=None) -> int:
+    "Review the feedback quarantine; 2 with a message for an unknown id, a missing --source/--license/--reason."
+    from deepguard.feedback import accept_reports, list_reports, read_report, reject_reports
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        if args.action == "list":
+            for r in list_reports(args.status, args.dir):
+                a = r["answer"]
+                print(f"{r['id'][:16]}  {r['submitted']}  claimed {r['label']:4}  model said {a['label']} "
+                      f"(P(fake) {a['probability_fake']:.3f}, {r['model']['name']} {r['model']['version']})"
+                      f"{'  note: ' + r['note'][:60] if r['note'] else ''}", file=out)
+            return 0
+        if not args.ids:
+            raise DeepGuardError(f"feedback {args.action} needs report ids (see `deepguard feedback list`)")
+        pending = [r["id"] for r in list_reports("pending", args.dir)]
+        ids = []
+        for given in args.ids:        # a unique prefix of a pending id, or a whole id of any status
+            found = [i for i in pending if i.startswith(given)]
+            ids.append(found[0] if len(found) == 1 else given)
+        if args.action == "show":
+            for report_id in ids:
+                status, record = read_report(report_id, args.dir)
+                print(json.dumps({"status": status, **{k: v for k, v in record.items() if k != "image"}}, indent=1),
+                      file=out)
+        elif args.action == "accept":
+            if not args.source or not args.license:
+                raise DeepGuardError("feedback accept needs --source NAME and --license (the images become a source)")
+            added = accept_reports(ids, args.source, args.license, args.dir)
+            print(f"accepted {len(ids)} reports as source {added['name']} ({added['label']}); run `dvc repro`",
+                  file=out)
+        else:
+            print(f"rejected {reject_reports(ids, args.reason or '', args.dir)} reports", file=out)
+    except DeepGuardError as error:
+        print(f"deepguard feedback: {error}", file=err)
+        return 2
     return 0
 
 # %% ../nbs/13_cli.ipynb #a9082832

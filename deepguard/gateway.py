@@ -15,6 +15,8 @@ import os
 import time
 
 from .core import DeepGuardError, get_logger
+from .feedback import (FEEDBACK_PER_MINUTE, FEEDBACK_RATE_ENV, FEEDBACK_TOKEN_ENV, FeedbackError, RateLimiter,
+                                check_feedback_access)
 from .images import MAX_PIXELS
 
 # %% auto #0
@@ -204,6 +206,8 @@ def route_of(path: str) -> str:
         return "ready"
     if path.startswith("/v2/models/") and parts[-1] in ("infer", "generate", "infer_stream", "generate_stream"):
         return "v2_infer"
+    if path.startswith("/v2/models/") and parts[-1] == "feedback":
+        return "feedback"
     return "other"
 
 # %% ../nbs/10_gateway.ipynb #e6c730a9
@@ -300,6 +304,7 @@ class Gateway:
         self.metrics = metrics if metrics is not None else gateway_metrics()
         self.probe_path, self.ready_timeout = probe_path, ready_timeout
         self.inflight = 0          # body bytes held by requests in progress (declared, or the limit for a chunked one)
+        self.feedback_rate = RateLimiter(int(os.environ.get(FEEDBACK_RATE_ENV) or FEEDBACK_PER_MINUTE))
         self._ready_at, self._ready = 0.0, (False, "not probed yet")
         for route in ("invocations", "v2_infer"):      # every known series exists from the start at 0
             for outcome in ("ok", "bad_request", "too_large", "timeout", "error"):
@@ -319,6 +324,8 @@ class Gateway:
         try:
             if route == "admin":
                 check_admin(headers.get("authorization"), os.environ.get(ADMIN_TOKEN_ENV))
+            if route == "feedback":
+                self.check_feedback(headers, scope)
             declared = headers.get("content-length", "").strip()
             held = min(
                 int(declared) if declared.isdigit() else self.limits["max_body_bytes"], self.limits["max_body_bytes"]
@@ -347,7 +354,7 @@ class Gateway:
             ):
                 answer = await self.retry(scope, body, receive)  # its worker died, or no worker is up
         except RequestError as err:
-            extra = [(b"retry-after", b"1")] if err.status == 503 else None
+            extra = [(b"retry-after", b"1" if err.status == 503 else b"60")] if err.status in (429, 503) else None
             answer = _json_response(err.status, err.body(), extra)
         except Exception as err:  # a bug here must still be an answer, counted
             get_logger("gateway").exception("front door failed")
@@ -360,6 +367,21 @@ class Gateway:
         if route != "other":
             self.count(route, answer[0], answer[2], start)
         await self._send(send, *answer)
+
+    def check_feedback(self, headers: dict, scope) -> None:
+        """A user's report: the token rule (`check_feedback_access`), then the per-client rate; `RequestError` if
+        refused."""
+        try:
+            check_feedback_access(
+                headers.get("authorization"), os.environ.get(FEEDBACK_TOKEN_ENV), os.environ.get("DEEPGUARD_HOST")
+            )
+        except FeedbackError as err:
+            raise RequestError(err.status, err.reason, str(err))
+        client = (scope.get("client") or ("?", 0))[0]
+        if not self.feedback_rate.allow(client):
+            raise RequestError(
+                429, "rate_limited", f"at most {self.feedback_rate.rate} reports a minute from one client: retry later"
+            )
 
     async def forward(self, scope, body: bytes, receive) -> tuple:
         "(status, headers, content) of the inner app for this request, its body given from memory."

@@ -19,6 +19,7 @@ from .core import DeepGuardError, InvalidImageError, get_logger, label_for
 from .images import load_image
 from .bodies import decode_images, image_column, limited_body
 from .drift import INFERENCE_LOG_ENV, inference_logger, log_answers
+from .feedback import FEEDBACK_DIR_ENV, FeedbackError, parse_feedback, store_report
 from .gateway import LATENCY_BUCKETS, LIMITS, RequestError, limit_env, receive_body, serving_limits
 
 # %% auto #0
@@ -230,6 +231,42 @@ class DetectorRuntime(MLModel):
         ]
         return JSONResponse({"predictions": predictions})
 
+    def _report(self, body: bytes) -> tuple[int, dict]:
+        "A report scored by this model and stored in the quarantine: (201 stored | 200 reported before, the answer)."
+        data, label, note = parse_feedback(body)
+        probs, crops = self.detector.score([load_image(data)])
+        answer = dict(
+            probability_fake=round(float(probs[0]), 6),
+            label=str(label_for(probs[0], self.detector.threshold)),
+            face_found=bool(crops[0].face_found),
+        )
+        model = dict(name=self.detector.name, version=self.detector.version, runtime=self.detector.runtime)
+        report_id, stored = store_report(data, label, note, answer, model)
+        return (201 if stored else 200), dict(id=report_id, status="pending" if stored else "duplicate", answer=answer)
+
+    @custom_handler(rest_path="/v2/models/deepguard/feedback")
+    async def feedback(self, received: dict = Depends(limited_body)):
+        """A user's report that an answer is wrong (`{"image": base64, "label": "real"|"fake", "note": ...}`): stored
+        for review, never trained on before it (the front door checks the token and the rate first)."""
+        from fastapi.responses import JSONResponse
+
+        await self.until_loaded()
+        try:
+            if "error" in received:
+                raise RequestError(*received["error"])
+            status, body = await asyncio.get_running_loop().run_in_executor(self.pool, self._report, received["body"])
+        except RequestError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        except FeedbackError as err:
+            return JSONResponse(RequestError(err.status, err.reason, str(err)).body(), status_code=err.status)
+        except (OSError, DeepGuardError) as err:  # no writable feedback folder: say so, never lose it silently
+            get_logger("serving").exception("feedback not stored")
+            return JSONResponse(
+                RequestError(503, "feedback_unavailable", f"the report could not be stored ({err})"[:300]).body(),
+                status_code=503,
+            )
+        return JSONResponse(body, status_code=status)
+
     @custom_handler(rest_path="/ping", rest_method="GET")
     async def ping(self) -> str:
         "MLflow's health path, and the front door's readiness probe: answered by a worker that holds the model."
@@ -242,7 +279,8 @@ class DetectorRuntime(MLModel):
 
 # %% ../nbs/11_serving.ipynb #a1f0c019
 SERVE_DEFAULTS = dict(host="127.0.0.1", port=8080, grpc_port=8081, metrics_port=8082, workers=1,
-                      max_batch_size=16, max_batch_time=0.01, inference_log="", **DEFAULT_SERVING, **LIMITS)
+                      max_batch_size=16, max_batch_time=0.01, inference_log="", feedback_dir="",
+                      **DEFAULT_SERVING, **LIMITS)
 
 def server_settings(model: str, **overrides) -> tuple:
     "(MLServer `Settings`, [`ModelSettings`]) for serving `model` with `SERVE_DEFAULTS` updated by `overrides`."
@@ -329,6 +367,9 @@ def serve(model: str, **overrides) -> None:
         os.environ[limit_env(key)] = str(value)
     if overrides.get("inference_log"):      # the inference log's folder, for every worker ("" or None: none)
         os.environ[INFERENCE_LOG_ENV] = str(Path(overrides["inference_log"]).resolve())
+    if overrides.get("feedback_dir"):       # where users' reports wait for review
+        os.environ[FEEDBACK_DIR_ENV] = str(Path(overrides["feedback_dir"]).resolve())
+    os.environ["DEEPGUARD_HOST"] = str(overrides.get("host") or SERVE_DEFAULTS["host"])   # the feedback token rule
     # glibc's malloc in the workers: blocks over 1 MB (decoded images) always mmapped, so they go back to the system
     # when freed (its adaptive threshold kept a 36 MP image's memory: 619 MiB afterwards instead of 447)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")

@@ -106,3 +106,31 @@ def test_a_zip_with_members_outside_is_refused_member_by_member(tiny_project, tm
                tiny_project, check=False)
     assert proc.returncode == 2 and "no readable image (1 refused)" in proc.stderr
     assert not (tiny_project / "data" / "sources" / "zipped").exists() and not (tmp_path / "outside.png").exists()
+
+
+def test_a_report_over_http_once_accepted_is_in_the_next_runs_data(looped, model_server, tiny_project):
+    "The loop's other door: a user's report, reviewed and accepted, is a source the next `dvc repro` trains on."
+    import base64
+    import io
+    import time
+
+    from tests.helpers import post
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (60, 50, 3), dtype=np.uint8)).save(buffer, "PNG")
+    body = {"image": base64.b64encode(buffer.getvalue()).decode(), "label": "fake", "note": "from the loop test"}
+    for _ in range(30):                 # the feedback route allows 30 reports a minute per client
+        status, answer = post(model_server["base"] + "/v2/models/deepguard/feedback", body)
+        if status != 429:
+            break
+        time.sleep(2)
+    assert status == 201, answer
+    project, feedback = looped["project"], tiny_project / "data" / "feedback"
+    out = run(["deepguard", "feedback", "accept", answer["id"][:12], "--source", "fb-fakes", "--license",
+               "reported by a user, CC0", "--dir", str(feedback)], project).stdout
+    assert "accepted 1 reports as source fb-fakes (fake)" in out
+    assert (feedback / "accepted" / f"{answer['id']}.json").is_file()
+    assert not (feedback / "pending" / f"{answer['id']}.json").exists()
+    run(["dvc", "repro", "ingest"], project)
+    manifest = pd.read_csv(project / "data" / "raw" / "manifest.csv", keep_default_na=False)
+    reported = manifest[manifest.generator == "feedback"]
+    assert len(reported) == 1 and set(reported.label) == {"fake"}
