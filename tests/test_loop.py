@@ -134,3 +134,30 @@ def test_a_report_over_http_once_accepted_is_in_the_next_runs_data(looped, model
     manifest = pd.read_csv(project / "data" / "raw" / "manifest.csv", keep_default_na=False)
     reported = manifest[manifest.generator == "feedback"]
     assert len(reported) == 1 and set(reported.label) == {"fake"}
+
+
+def test_a_restarted_server_serves_the_champion_the_gate_chose(looped):
+    "How the server picks up a new champion: it resolves the alias when it starts (a restart, or a rolling update)."
+    import os
+
+    from tests.helpers import BIN, answers_ok, background_server, free_port, post
+    project = looped["project"]
+    record = json.loads((project / "reports" / "registry.json").read_text())
+    code = ("import mlflow; from mlflow import MlflowClient; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
+            "print(MlflowClient().get_model_version_by_alias('deepguard-detector-test', 'champion').version)")
+    champion = run(["python", "-c", code], project).stdout.split()[-1]
+    assert champion == (record["version"] if record["champion"] else looped["before"]["version"])
+    port, metrics_port, grpc_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    env.pop("DEEPGUARD_ROOT", None)
+    base = f"http://127.0.0.1:{port}"
+    cmd = ["deepguard", "serve", "--model", "models:/deepguard-detector-test@champion", "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port)]
+    ready = lambda: answers_ok(base + "/v2/health/ready")
+    with background_server(cmd, project, env, project / "serve.log", ready, 180):
+        image = next((project / "data" / "raw" / "images").rglob("*.jpg")).read_bytes()
+        import base64
+        status, body = post(base + "/v2/models/deepguard/infer", {"inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(image).decode()]}]})
+        assert status == 200 and body["model_version"] == champion, body
