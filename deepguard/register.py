@@ -21,7 +21,7 @@ from .stats import chunks, paired_auc_difference
 
 # %% auto #0
 __all__ = ['decode_row', 'DetectorPyfunc', 'per_family_differences', 'gate', 'crop_probabilities', 'compare_with_champion',
-           'register_model', 'run']
+           'register_model', 'gate_section', 'model_card_with_gate', 'run']
 
 # %% ../nbs/08_register.ipynb #67ba4fba
 def decode_row(index: int, text) -> "Image.Image":
@@ -186,6 +186,37 @@ def _pinned_requirements() -> list[str]:
         )
     ]
 
+# %% ../nbs/08_register.ipynb #80341e05
+def gate_section(record: dict) -> list[str]:
+    "The model card's gate section: the decision, and the champion comparison overall and per fake family."
+    lines = [
+        "## Registry gate (register stage)",
+        "",
+        f"{record['model_name']} version {record['version']}: "
+        f"{'champion' if record['champion'] else 'registered without the champion alias'}. {record['reason']}.",
+        "",
+    ]
+    per_family = (record.get("comparison") or {}).get("per_family") or {}
+    if per_family:
+        lines += [
+            "Challenger minus champion, ROC-AUC of each fake family against every real of the held-out crops, with "
+            "Bonferroni-adjusted paired bootstrap intervals (a family whose interval lies below 0 blocks the alias):",
+            "",
+            "| fake family | n | AUC difference [interval] |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {f} | {d['n']} | {d['difference']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] |"
+            for f, d in per_family.items()
+        ] + [""]
+    return lines
+
+
+def model_card_with_gate(evaluation: str, record: dict) -> str:
+    "The evaluate stage's card with the gate section before its Limitations."
+    head, sep, tail = evaluation.partition("\n## Limitations")
+    return head.rstrip("\n") + "\n\n" + "\n".join(gate_section(record)) + (sep + tail if sep else "\n")
+
 # %% ../nbs/08_register.ipynb #5847f3b1
 def run(params: dict) -> dict:
     """The register stage: the OpenVINO graph exported beside the model, the challenger compared with the champion on
@@ -212,5 +243,9 @@ def run(params: dict) -> dict:
     record = register_model(model_path, threshold_path, metrics, params["model_name"], params["min_auc"], comparison)
     record["tracking_uri"] = uri if not uri.startswith("sqlite:") else "sqlite:///mlflow.db (project root)"
     write_json(resolve(params["out_path"]), {k: v for k, v in record.items() if k != "run_id"})
+    evaluation = resolve(params["evaluation_card_path"])
+    if not evaluation.is_file():
+        raise FileNotFoundError(f"{evaluation} is missing: run the evaluate stage first.")
+    resolve(params["model_card_path"]).write_text(model_card_with_gate(evaluation.read_text(), record))
     log.info("registered %s version %s; %s", params["model_name"], record["version"], record["reason"])
     return record

@@ -71,6 +71,9 @@ def test_the_gate_compared_the_challenger_with_the_champion(looped):
     record = json.loads((looped["project"] / "reports" / "registry.json").read_text())
     assert int(record["version"]) == int(looped["before"]["version"]) + 1 and record["reason"]
     assert record["comparison"] and "difference" in record["comparison"], record
+    assert "posterized" in record["comparison"]["per_family"]           # the new family, compared too
+    card = (looped["project"] / "reports" / "model_card.md").read_text()
+    assert "## Registry gate" in card and "| posterized |" in card
 
 
 def test_remove_source_undoes_it(looped, tmp_path):

@@ -223,6 +223,9 @@ def test_evaluate_outputs(tiny_project):
     assert f"| CNN | {cnn['roc_auc']:.3f} [" in card and "## Robustness" in card and "## Limitations" in card
     assert "| olivetti | vae-olivetti |" in card and "## Held-out generators" in card
     assert "| decoder-bilinear-s4-plain | olivetti |" in card
+    assert "## Registry gate (register stage)" in card and card.index("## Registry gate") < card.index("## Limitations")
+    assert (tiny_project / "reports" / "evaluation_card.md").read_text() in card.replace(
+        card[card.index("## Registry gate"):card.index("## Limitations")], "")
 
 
 def test_evaluate_is_deterministic(tiny_project):

@@ -49,6 +49,7 @@ def pulled_clone(tiny_project, s3, tmp_path_factory):
     run(["git", "clone", "-q", str(tiny_project), str(clone)], tiny_project)
     # what a teammate has from git (params, dvc.lock and the small uncached outputs are committed) and configured
     for rel in ("params.yaml", "dvc.lock", ".dvc/config.local", "reports/metrics.json", "reports/model_card.md",
+                "reports/evaluation_card.md",
                 "reports/shortcut_audit.json", "reports/data_card.md", "reports/registry.json"):
         shutil.copy2(tiny_project / rel, clone / rel)
     pulled = run(["dvc", "pull", "-r", "team"], clone, env=env)
