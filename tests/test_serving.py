@@ -180,7 +180,7 @@ def test_bad_requests_are_400s_that_say_why(server, body, content_type, reason):
     assert status == 400 and answer["reason"] == reason, answer
 
 
-@pytest.mark.parametrize("path", ["/invocations", "/v2/models/deepguard/infer"])
+@pytest.mark.parametrize("path", ["/invocations", "/v2/models/deepguard/infer", "/v2/models/deepguard/feedback"])
 def test_oversized_body_is_413(server, path):
     # refused on its Content-Length, before the body is read: the client sends only the headers and a first piece
     # (a client still writing 1 MB when the server answers and closes can get a broken pipe instead of the 413)
