@@ -324,8 +324,8 @@ class Gateway:
         try:
             if route == "admin":
                 check_admin(headers.get("authorization"), os.environ.get(ADMIN_TOKEN_ENV))
-            if route == "feedback":
-                self.check_feedback(headers, scope)
+            if route == "feedback":      # the token first; the rate once the body is within the limits
+                self.check_feedback(headers)
             declared = headers.get("content-length", "").strip()
             held = min(
                 int(declared) if declared.isdigit() else self.limits["max_body_bytes"], self.limits["max_body_bytes"]
@@ -343,6 +343,8 @@ class Gateway:
                 headers.get("content-length"), receive, self.limits["max_body_bytes"], self.limits["body_timeout"]
             )
             start = time.perf_counter()
+            if route == "feedback":
+                self.check_rate(scope)
             kind = headers.get("content-type", "").split(";")[0].strip().lower()
             if route in ("invocations", "v2_infer") and kind in ("application/json", ""):
                 check_json(body, self.limits)
@@ -368,20 +370,20 @@ class Gateway:
             self.count(route, answer[0], answer[2], start)
         await self._send(send, *answer)
 
-    def check_feedback(self, headers: dict, scope) -> None:
-        """A user's report: the token rule (`check_feedback_access`), then the per-client rate; `RequestError` if
-        refused."""
+    def check_feedback(self, headers: dict) -> None:
+        "A user's report: the token rule (`check_feedback_access`); `RequestError` (401/403) if refused."
         try:
-            check_feedback_access(
-                headers.get("authorization"), os.environ.get(FEEDBACK_TOKEN_ENV), os.environ.get("DEEPGUARD_HOST")
-            )
+            check_feedback_access(headers.get("authorization"), os.environ.get(FEEDBACK_TOKEN_ENV),
+                                  os.environ.get("DEEPGUARD_HOST"))
         except FeedbackError as err:
             raise RequestError(err.status, err.reason, str(err))
+
+    def check_rate(self, scope) -> None:
+        "A report within the body limits counts against its client's rate (`RateLimiter`); 429 beyond it."
         client = (scope.get("client") or ("?", 0))[0]
         if not self.feedback_rate.allow(client):
-            raise RequestError(
-                429, "rate_limited", f"at most {self.feedback_rate.rate} reports a minute from one client: retry later"
-            )
+            raise RequestError(429, "rate_limited", f"at most {self.feedback_rate.rate} reports a minute from one "
+                               "client: retry later")
 
     async def forward(self, scope, body: bytes, receive) -> tuple:
         "(status, headers, content) of the inner app for this request, its body given from memory."
