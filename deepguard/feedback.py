@@ -70,9 +70,9 @@ class RateLimiter:
             return ok
 
 # %% ../nbs/08b_feedback.ipynb #67e41a35
-def parse_feedback(body: bytes) -> tuple[bytes, str, str]:
-    """(image file bytes, claimed label, note) of a report `{"image": base64, "label": "real"|"fake", "note": ...}`;
-    a `FeedbackError` (400/413) with the same image reasons as prediction otherwise."""
+def parse_feedback(body: bytes) -> tuple[bytes, "Image.Image", str, str]:
+    """(image file bytes, the decoded image, claimed label, note) of a report `{"image": base64, "label":
+    "real"|"fake", "note": ...}`; a `FeedbackError` (400/413) with the same image reasons as prediction otherwise."""
     try:
         report = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
@@ -93,10 +93,10 @@ def parse_feedback(body: bytes) -> tuple[bytes, str, str]:
     if len(data) > MAX_FEEDBACK_BYTES:
         raise FeedbackError(413, "too_large", f"a reported image may have at most {MAX_FEEDBACK_BYTES:,} bytes")
     try:
-        load_image(data)
+        image = load_image(data)      # decoded once: the server scores this image as it is
     except InvalidImageError as err:
         raise FeedbackError(400, err.reason, str(err))
-    return data, label, note
+    return data, image, label, note
 
 
 def feedback_dir(folder=None) -> Path:

@@ -233,8 +233,8 @@ class DetectorRuntime(MLModel):
 
     def _report(self, body: bytes) -> tuple[int, dict]:
         "A report scored by this model and stored in the quarantine: (201 stored | 200 reported before, the answer)."
-        data, label, note = parse_feedback(body)
-        probs, crops = self.detector.score([load_image(data)])
+        data, image, label, note = parse_feedback(body)
+        probs, crops = self.detector.score([image])
         answer = dict(
             probability_fake=round(float(probs[0]), 6),
             label=str(label_for(probs[0], self.detector.threshold)),
