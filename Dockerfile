@@ -12,6 +12,9 @@ ARG BASE_IMAGE=python:3.11.7-slim-bookworm
 
 # ---- a virtual environment with the pinned serving dependencies: no TensorFlow, Keras or torch (the detector and the
 # face detector answer from OpenVINO IR; mtcnn is installed for its weight files only, and needs just joblib and lz4).
+# MLflow as `mlflow-skinny` (the client: a `models:/` URI from a tracking server over HTTP; a baked-in model folder
+# needs no MLflow at all), not `mlflow`, whose server-side dependencies (pyarrow, scipy, scikit-learn, matplotlib,
+# SQLAlchemy, Flask...) were 0.45 GB of the image and are never imported by `deepguard serve`.
 # All wheels, so no compiler anywhere. The runtime stages below build on this one rather than `COPY --from` it: a
 # copy of the venv would be a second layer of the same size.
 # pip's settings are build arguments, not ENV, so that none of them stays in the images.
@@ -24,10 +27,10 @@ COPY constraints.txt settings.ini setup.py pyproject.toml MANIFEST.in README.md 
 COPY deepguard/ deepguard/
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-compile -c constraints.txt \
-      "mlflow==3.17.2" "mlserver==1.7.1" "mlserver-mlflow==1.7.1" "openvino==2026.4.1" "mtcnn==1.0.0" \
-      joblib lz4 pillow numpy pandas pyyaml scikit-learn prometheus-client tqdm \
+      "mlflow-skinny==3.17.2" "mlserver==1.7.1" "openvino==2026.4.1" "mtcnn==1.0.0" \
+      joblib lz4 pillow numpy pandas pyyaml prometheus-client tqdm \
  && /opt/venv/bin/pip install --no-compile --no-deps . \
- && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('tensorflow', 'keras', 'torch')))"
+ && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('tensorflow', 'keras', 'torch', 'pyarrow', 'scipy', 'sklearn')))"
 
 # ---- the dashboard's environment: the serving one plus Voila, the dashboard's plotting libraries, and TensorFlow
 # with Keras for its Grad-CAM view (answers still come from OpenVINO)

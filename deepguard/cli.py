@@ -313,10 +313,15 @@ def export_command(args, out=None, err=None) -> int:
 # %% ../nbs/13_cli.ipynb #c790be9c
 def serve_command(args, err=None) -> int:
     "Run the server in the foreground; 2 with a message for settings it cannot use."
-    from deepguard.serving import serve
     err = err or sys.stderr
+    model = args.model
+    if str(model).startswith("models:/"):     # asked of the registry while the server's modules import
+        import tempfile
+        from deepguard.predict import fetch_registered
+        model = fetch_registered(model, tempfile.mkdtemp(prefix="deepguard-model-"))
+    from deepguard.serving import serve
     try:
-        serve(args.model, host=args.host, port=args.port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+        serve(model, host=args.host, port=args.port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
               workers=args.workers,
               max_batch_size=args.max_batch_size, max_batch_time=args.max_batch_time,
               inference_threads=args.inference_threads, max_body_bytes=args.max_body_bytes,

@@ -113,7 +113,12 @@ def drift_tests(window: pd.DataFrame, reference: dict, alpha: float = DRIFT_ALPH
     Kolmogorov-Smirnov test, the FAKE rate and the face-found rate by an exact binomial test against the reference's
     rates. One row per feature: statistic, p-value, reference and window values, and whether it drifted at
     `alpha` / the number of tests."""
-    from scipy import stats
+    try:
+        from scipy import stats
+    except ImportError:
+        raise DeepGuardError("`deepguard drift` needs scipy, which the server image leaves out: run it where the "
+                             "inference log is collected, with the project's set-up (`make setup`), or "
+                             "`pip install scipy`.") from None
     if len(window) < MIN_WINDOW:
         raise DeepGuardError(f"{len(window)} answers in the window: at least {MIN_WINDOW} are needed to test drift "
                              "(widen --last or --hours).")

@@ -23,8 +23,9 @@ from .faces import FaceCrop, prepare_faces, recorded_chain
 
 # %% auto #0
 __all__ = ['LOCAL_MODEL', 'BATCH', 'IDENTITY_CALIBRATION', 'Classification', 'LoadedDetector', 'read_decision', 'OpenVINOPredict',
-           'graph_key', 'graph_path', 'export_openvino', 'openvino_predict', 'detector_from_files', 'pyfunc_files',
-           'load_detector', 'resolve_model', 'classify_images', 'answer', 'classify']
+           'graph_key', 'graph_path', 'export_openvino', 'openvino_predict', 'detector_from_files', 'registered_files',
+           'fetch_registered', 'pyfunc_files', 'load_detector', 'resolve_model', 'classify_images', 'answer',
+           'classify']
 
 # %% ../nbs/07_predict.ipynb #42052cdc
 @dataclass(frozen=True)
@@ -228,7 +229,10 @@ def _load_local(path: Path) -> LoadedDetector:
     return detector_from_files(path, metadata_file, path.parent / "threshold.json", path.name)
 
 # %% ../nbs/07_predict.ipynb #6ba835f6
-def _load_registry(uri: str) -> LoadedDetector:
+def registered_files(uri: str, dest: str | None = None) -> tuple[str, str, str]:
+    """(local folder, registered name, version) of a `models:/name@alias` or `models:/name/version` URI, from the
+    MLflow registry (`MLFLOW_TRACKING_URI`, else the project's): its files downloaded into `dest` (a local artifact
+    store's folder is used in place)."""
     import mlflow
     from mlflow import MlflowClient
     from deepguard.core import mlflow_setup, redact
@@ -254,13 +258,29 @@ def _load_registry(uri: str) -> LoadedDetector:
             version = client.get_model_version_by_alias(name, ref).version
         else:  # models:/name/version
             name, _, version = uri[len("models:/") :].partition("/")
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dest)
     except Exception as err:
         raise DeepGuardError(
             f"Could not load {uri} from the MLflow registry at {redact(tracking)}: {redact(err)}"[:600]
             + ". Run `make pipeline` (its register stage fills the registry) or pass model=..."
         ) from None
-    return replace(_load_mlflow_folder(folder), name=name, version=str(version))
+    return str(folder), name, str(version)
+
+# %% ../nbs/07_predict.ipynb #e2f9d538
+def _load_registry(uri: str) -> LoadedDetector:
+    folder, name, version = registered_files(uri)
+    return replace(_load_mlflow_folder(Path(folder)), name=name, version=version)
+
+# %% ../nbs/07_predict.ipynb #17142138
+def fetch_registered(uri: str, dest: str | None = None):
+    """`registered_files` in a short-lived process, as a `Future`: the caller (the server) goes on starting while
+    MLflow is imported and asked, and neither it nor its workers hold MLflow afterwards (about 50 MiB each)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    future = pool.submit(registered_files, uri, dest)
+    pool.shutdown(wait=False)        # the process exits once it has answered
+    return future
 
 # %% ../nbs/07_predict.ipynb #eaff468d
 def pyfunc_files(folder: Path) -> tuple[dict, str] | None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dataclasses import replace
+
 from .core import DeepGuardError, InvalidImageError, get_logger, label_for
 from .images import load_image
 from .bodies import decode_images, image_column, limited_body
@@ -24,7 +26,8 @@ from .gateway import LATENCY_BUCKETS, LIMITS, RequestError, limit_env, receive_b
 
 # %% auto #0
 __all__ = ['BATCH_BUCKETS', 'PROBABILITY_BUCKETS', 'DEFAULT_SERVING', 'LOAD_WAIT', 'SERVE_DEFAULTS', 'serving_metrics',
-           'DetectorRuntime', 'server_settings', 'keep_counters', 'reap_workers', 'DeepGuardServer', 'serve']
+           'DetectorRuntime', 'server_settings', 'model_settings', 'keep_counters', 'reap_workers', 'DeepGuardServer',
+           'serve']
 
 # %% ../nbs/11_serving.ipynb #a1f0c014
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -108,6 +111,9 @@ class DetectorRuntime(MLModel):
         self.answers = inference_logger(os.environ.get(INFERENCE_LOG_ENV))   # this worker's inference log, or None
         self.pool = ThreadPoolExecutor(max_workers=int(extra["inference_threads"]), thread_name_prefix="deepguard")
         self.detector = await asyncio.get_running_loop().run_in_executor(self.pool, load_detector, params.uri)
+        if extra.get("registered_name"):   # a registry model's files, fetched once by `serve`: its name and version
+            self.detector = replace(self.detector, name=extra["registered_name"],
+                                    version=str(extra["registered_version"]))
         self.metrics = serving_metrics()
         self.labels = (self.detector.name, self.detector.version)
         # every known label value exists from the start at 0, so rates and ratios are 0, not "no data"
@@ -282,9 +288,10 @@ SERVE_DEFAULTS = dict(host="127.0.0.1", port=8080, grpc_port=8081, metrics_port=
                       max_batch_size=16, max_batch_time=0.01, inference_log="", feedback_dir="",
                       **DEFAULT_SERVING, **LIMITS)
 
-def server_settings(model: str, **overrides) -> tuple:
-    "(MLServer `Settings`, [`ModelSettings`]) for serving `model` with `SERVE_DEFAULTS` updated by `overrides`."
-    from mlserver.settings import ModelParameters, ModelSettings, Settings
+def server_settings(model: str, registered: tuple[str, str] | None = None, **overrides) -> tuple:
+    """(MLServer `Settings`, [`ModelSettings`]) for serving `model` with `SERVE_DEFAULTS` updated by `overrides`,
+    checked; `model` None: no model settings yet (`serve` makes them when a registry model's files are known)."""
+    from mlserver.settings import Settings
     unknown = set(overrides) - set(SERVE_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown serving settings {sorted(unknown)}; known: {sorted(SERVE_DEFAULTS)}")
@@ -303,11 +310,20 @@ def server_settings(model: str, **overrides) -> tuple:
                         metrics_dir=os.path.join(scratch, "metrics"), environments_dir=os.path.join(scratch, "envs"),
                         grpc_max_message_length=limits["max_body_bytes"],
                         load_models_at_startup=False, model_repository_root="/nonexistent-deepguard-models")
-    model_settings = ModelSettings(
-        name="deepguard", implementation=DetectorRuntime,
-        max_batch_size=int(s["max_batch_size"]), max_batch_time=float(s["max_batch_time"]),
-        parameters=ModelParameters(uri=str(model), extra={k: s[k] for k in DEFAULT_SERVING}))
-    return settings, [model_settings]
+    return settings, ([] if model is None else [model_settings(model, registered, **overrides)])
+
+# %% ../nbs/11_serving.ipynb #50f2fb10
+def model_settings(model: str, registered: tuple[str, str] | None = None, **overrides):
+    """MLServer's `ModelSettings` of the detector at `model` (a folder, .keras file or URI); `registered`: the
+    registry's (name, version) of the files in `model`."""
+    from mlserver.settings import ModelParameters, ModelSettings
+    s = {**SERVE_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    extra = {k: s[k] for k in DEFAULT_SERVING}
+    if registered:
+        extra.update(registered_name=registered[0], registered_version=registered[1])
+    return ModelSettings(name="deepguard", implementation=DetectorRuntime, max_batch_size=int(s["max_batch_size"]),
+                         max_batch_time=float(s["max_batch_time"]), parameters=ModelParameters(uri=str(model),
+                                                                                                extra=extra))
 
 # %% ../nbs/11_serving.ipynb #a29cd7fa
 async def keep_counters(worker) -> None:
@@ -359,8 +375,16 @@ class DeepGuardServer(MLServer):
         self._grpc_server.guard = grpc_guard(limits, metrics)
 
 # %% ../nbs/11_serving.ipynb #e21d0962
-def serve(model: str, **overrides) -> None:
-    "Run the model server in the foreground until SIGINT/SIGTERM."
+def serve(model, **overrides) -> None:
+    """Run the model server in the foreground until SIGINT/SIGTERM. A `models:/` URI is resolved once, before any
+    worker starts (`deepguard.predict.fetch_registered`; `model` may be that call's `Future`): every worker, and one
+    restarted after a crash, serves the same version's files, and none of them imports MLflow."""
+    if isinstance(model, str) and model.startswith("models:/"):
+        from deepguard.predict import fetch_registered
+        model = fetch_registered(model, tempfile.mkdtemp(prefix="deepguard-model-"))
+    pending = None
+    if hasattr(model, "result"):
+        pending, model = model, None
     settings, models = server_settings(model, **overrides)
     limits = serving_limits(**{k: overrides.get(k) for k in LIMITS})
     for key, value in limits.items():       # the workers, started later, read them from the environment
@@ -374,5 +398,14 @@ def serve(model: str, **overrides) -> None:
     # when freed (its adaptive threshold kept a 36 MP image's memory: 619 MiB afterwards instead of 447)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")
     async def run():           # MLServer installs its signal handlers on the running loop
-        await DeepGuardServer(settings, limits).start(models)
+        server = DeepGuardServer(settings, limits)     # its inference workers start (and import) from here
+        if pending is not None:
+            try:
+                folder, *registered = await asyncio.wrap_future(pending)
+            except BaseException:
+                if server._inference_pool_registry is not None:
+                    await server._inference_pool_registry.close()
+                raise
+            models.append(model_settings(folder, registered, **overrides))
+        await server.start(models)
     asyncio.run(run())

@@ -89,6 +89,18 @@ def check_server(base: str, tiny_project):
     assert status == 400 and body["reason"] == "not_image" and body["message"].startswith("row 0:")
 
 
+def test_image_fits_its_budget_and_holds_no_training_library(image):
+    "Issue 23's budget for the server image: 1 GB (it was 1.26 GB with mlflow's server-side dependencies)."
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", image).stdout.strip())
+    assert size <= 1e9, f"the server image is {size / 1e6:.0f} MB, over its 1 GB budget: what was added to its venv?"
+    found = podman(
+        "run", "--rm", *RUN_FLAGS, "--entrypoint", "python", image, "-c",
+        "import importlib.util as u; print(*[m for m in ('tensorflow', 'keras', 'torch', 'pyarrow', 'scipy', 'sklearn',"
+        " 'matplotlib') if u.find_spec(m)])",
+    ).stdout.split()
+    assert found == [], f"the server image holds {found}, which `deepguard serve` never imports"
+
+
 def test_image_is_non_root_and_has_no_compiler(image):
     config = json.loads(podman("image", "inspect", image).stdout)[0]["Config"]
     assert config["User"] == "10001:10001"
