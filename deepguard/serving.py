@@ -25,9 +25,9 @@ from .feedback import FEEDBACK_DIR_ENV, FeedbackError, parse_feedback, store_rep
 from .gateway import LATENCY_BUCKETS, LIMITS, RequestError, limit_env, receive_body, serving_limits
 
 # %% auto #0
-__all__ = ['BATCH_BUCKETS', 'PROBABILITY_BUCKETS', 'DEFAULT_SERVING', 'LOAD_WAIT', 'SERVE_DEFAULTS', 'serving_metrics',
-           'DetectorRuntime', 'server_settings', 'model_settings', 'keep_counters', 'reap_workers', 'DeepGuardServer',
-           'serve']
+__all__ = ['BATCH_BUCKETS', 'PROBABILITY_BUCKETS', 'DEFAULT_SERVING', 'LOAD_WAIT', 'SERVE_DEFAULTS', 'RESPONSE_LOCK_WAIT',
+           'serving_metrics', 'DetectorRuntime', 'server_settings', 'model_settings', 'keep_counters',
+           'free_response_lock', 'reap_workers', 'DeepGuardServer', 'serve']
 
 # %% ../nbs/11_serving.ipynb #a1f0c014
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -335,6 +335,24 @@ async def keep_counters(worker) -> None:
 from mlserver import MLServer
 from mlserver.grpc import GRPCServer
 
+# %% ../nbs/11_serving.ipynb #5f1c0a01
+RESPONSE_LOCK_WAIT = 3.0   # seconds; a live worker holds its pool's response lock for one small pipe write
+
+async def free_response_lock(worker) -> None:
+    """On a worker's death: its pool's response queue can be written again. All the workers of a pool answer
+    through one `multiprocessing.Queue`, each write under one lock they share; a worker killed while it holds
+    that lock (SIGKILL, the OOM killer) never releases it, and every other worker, its replacement included,
+    then blocks on its next answer: the server answers nothing again, for good. If the lock cannot be taken within `RESPONSE_LOCK_WAIT` s, the dead worker held it: it is released.
+    Not handled: half an answer left in the pipe, which takes a worker killed while writing an answer longer than
+    4,096 bytes (POSIX's PIPE_BUF: shorter writes are all or nothing) into a pipe too full to take it at once."""
+    lock = getattr(getattr(worker, "_responses", None), "_wlock", None)
+    if lock is None:
+        return
+    taken = await asyncio.get_running_loop().run_in_executor(None, lambda: lock.acquire(timeout=RESPONSE_LOCK_WAIT))
+    lock.release()      # ours if taken; else the dead worker's
+    if not taken:
+        get_logger("serving").warning("worker %s died holding the response queue's lock: released", worker.pid)
+
 # %% ../nbs/11_serving.ipynb #a035e09d
 class _GuardedGRPCServer(GRPCServer):
     "MLServer's gRPC server with `grpc_guard` first among the interceptors it builds its server with."
@@ -367,7 +385,7 @@ class DeepGuardServer(MLServer):
         limits = limits or serving_limits()
         registry = self._inference_pool_registry
         if registry is not None:
-            registry._on_worker_stop[:] = [keep_counters]      # the hook list every inference pool shares
+            registry._on_worker_stop[:] = [free_response_lock, keep_counters]   # every inference pool shares this list
             signal.signal(signal.SIGCHLD, lambda *_: asyncio.create_task(reap_workers(registry)))
         metrics = gateway_metrics()
         self._rest_server._app.add_middleware(Gateway, limits=limits, metrics=metrics)

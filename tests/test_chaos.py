@@ -416,3 +416,46 @@ def test_a_visitor_reaches_no_terminal_files_or_kernels(dashboard, method, path)
     except urllib.error.HTTPError as err:
         status, text = err.code, ""
     assert status in (403, 404, 405), (path, status, text[:300])
+
+
+def _answer_forever(queue) -> None:
+    "A worker's answers, as fast as they go: it is killed in the middle of one."
+    while True:
+        queue.put(b"x" * 300)
+
+
+def _answer_once(queue) -> None:
+    queue.put(b"after")
+
+
+def test_a_worker_killed_while_answering_leaves_the_answer_queue_writable():
+    """The mechanism behind readiness that never came back: all the workers of a pool answer through one queue, each
+    write under one shared lock, and a worker killed holding it blocks every other. `free_response_lock` (the hook
+    `DeepGuardServer` runs on a worker's death) frees it, and a new worker's answer gets through."""
+    import asyncio
+    import multiprocessing
+    from types import SimpleNamespace
+
+    from deepguard.serving import free_response_lock
+
+    spawn = multiprocessing.get_context("spawn")
+    for _ in range(10):  # until the kill lands while the lock is held (every time in 40 tries here)
+        queue = spawn.Queue()
+        worker = spawn.Process(target=_answer_forever, args=(queue,), daemon=True)
+        worker.start()
+        for _ in range(2000):
+            queue.get(timeout=60)
+        worker.kill()
+        worker.join()
+        if not queue._wlock.acquire(timeout=1):
+            break
+        queue._wlock.release()
+    else:
+        pytest.skip("no kill landed while the lock was held")
+    asyncio.run(free_response_lock(SimpleNamespace(_responses=queue, pid=worker.pid)))
+    replacement = spawn.Process(target=_answer_once, args=(queue,), daemon=True)
+    replacement.start()
+    while (got := queue.get(timeout=60)) != b"after":  # the dead worker's last answers, then the new one's
+        assert got == b"x" * 300
+    replacement.join(timeout=60)
+    assert replacement.exitcode == 0

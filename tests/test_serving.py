@@ -6,9 +6,13 @@ reason, a stalled client does not block others, and 1,000 bad requests in a row 
 import base64
 import http.client
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -250,3 +254,32 @@ def test_survives_a_thousand_bad_requests_in_a_row(server, test_files):
         - total(before, "deepguard_requests_total", outcome="bad_request")
         == 1000
     )
+
+
+FETCH = """
+import json, sys, tempfile
+from deepguard.core import DeepGuardError
+from deepguard.predict import fetch_registered
+folder, name, version = fetch_registered(sys.argv[1], tempfile.mkdtemp()).result()
+try:
+    fetch_registered(sys.argv[1].replace("@champion", "@no-such-alias")).result()
+    missing = ""
+except DeepGuardError as error:
+    missing = str(error)
+print(json.dumps(dict(folder=folder, name=name, version=version, missing=missing,
+                      parent_imported_mlflow="mlflow" in sys.modules)))
+"""
+
+
+def test_a_registry_model_is_fetched_by_a_short_lived_process(tiny_project):
+    "What `serve` does with a models:/ URI: the files of the alias's version, and MLflow never in the caller."
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}"}
+    proc = subprocess.run([sys.executable, "-c", FETCH, "models:/deepguard-detector-test@champion"],
+                          capture_output=True, text=True, cwd=tiny_project, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    registry = json.loads((tiny_project / "reports" / "registry.json").read_text())
+    assert (out["name"], out["version"]) == ("deepguard-detector-test", str(registry["version"]))
+    assert (Path(out["folder"]) / "MLmodel").is_file()
+    assert out["parent_imported_mlflow"] is False
+    assert "no-such-alias" in out["missing"] and "make pipeline" in out["missing"]
