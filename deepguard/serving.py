@@ -349,7 +349,10 @@ async def free_response_lock(worker) -> None:
     if lock is None:
         return
     taken = await asyncio.get_running_loop().run_in_executor(None, lambda: lock.acquire(timeout=RESPONSE_LOCK_WAIT))
-    lock.release()      # ours if taken; else the dead worker's
+    try:
+        lock.release()  # ours if taken; else the dead worker's
+    except ValueError:  # "released too many times": a slow live holder released it meanwhile; nothing to free
+        return
     if not taken:
         get_logger("serving").warning("worker %s died holding the response queue's lock: released", worker.pid)
 
