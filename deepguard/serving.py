@@ -342,7 +342,8 @@ async def free_response_lock(worker) -> None:
     """On a worker's death: its pool's response queue can be written again. All the workers of a pool answer
     through one `multiprocessing.Queue`, each write under one lock they share; a worker killed while it holds
     that lock (SIGKILL, the OOM killer) never releases it, and every other worker, its replacement included,
-    then blocks on its next answer: the server answers nothing again, for good. If the lock cannot be taken within `RESPONSE_LOCK_WAIT` s, the dead worker held it: it is released.
+    then blocks on its next answer: the server answers nothing again, for good.
+    If the lock cannot be taken within `RESPONSE_LOCK_WAIT` s, the dead worker held it: it is released.
     Not handled: half an answer left in the pipe, which takes a worker killed while writing an answer longer than
     4,096 bytes (POSIX's PIPE_BUF: shorter writes are all or nothing) into a pipe too full to take it at once."""
     lock = getattr(getattr(worker, "_responses", None), "_wlock", None)
